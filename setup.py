@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="structmar",
+    version="0.1.0",
+    description="Training system for StructMAR, a layout-to-image masked autoregressive model",
+    packages=find_packages(include=["structmar", "structmar.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "torchvision",
+        "deepspeed>=0.15",
+        "transformers>=4.40",
+        "timm>=1.0",
+        "webdataset>=0.2.90",
+        "safetensors",
+        "pycocotools",
+        "tensorboard",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "scipy",
+    ],
+    extras_require={
+        "flash": ["flash-attn"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+    },
+    entry_points={"console_scripts": ["structmar=structmar.cli:main"]},
+)

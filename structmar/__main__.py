@@ -1,0 +1,3 @@
+from structmar.cli import main
+
+raise SystemExit(main())
