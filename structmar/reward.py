@@ -101,7 +101,12 @@ class HFDetector:
                 f"processor there with save_pretrained (e.g. facebook/detr-resnet-50)"
             )
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True).eval().to(device)
+        model, info = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True,
+                                                                  output_loading_info=True)
+        if info["missing_keys"]:  # transformers would detect with randomly initialised layers
+            raise ValueError(f"the detector in {path} lacks {len(info['missing_keys'])} weights, e.g. "
+                             f"{sorted(info['missing_keys'])[0]}")
+        self.model = model.eval().to(device)
         self.device = device
         self.label_map = _name_map({int(k): v for k, v in self.model.config.id2label.items()}, categories)
         if not self.label_map:
