@@ -57,8 +57,14 @@ class ModelConfig:
     text_dim: int = 512  # CLIP ViT-B/32 text hidden size
     max_objects: int = 16  # layout tokens; buffer slot 0 holds the pooled caption
     label_drop_prob: float = 0.1
+    layout_to_image: str = "box"  # box: a layout token attends only the image cells of its box | open
+    bias_text_slot: bool = False  # also penalise image tokens' attention to the text slot
+    bias_null_slots: bool = False  # also penalise image tokens' attention to null buffer slots
+    truncate_boxes: bool = False  # keep the max_objects largest boxes instead of raising on more
 
     attention: str = "auto"  # auto: flex on CUDA, sdpa elsewhere
+    # text cross-attention: auto (flash-attn where installed, on CUDA; else sdpa) | sdpa | flash
+    cross_attention: str = "auto"
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -94,6 +100,10 @@ class ModelConfig:
             raise ValueError(f"layout_bias {self.layout_bias!r} is not one of {LAYOUT_BIAS_MODES}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
+        if self.cross_attention not in ("auto", "sdpa", "flash"):
+            raise ValueError(f"cross_attention {self.cross_attention!r} is not one of ('auto', 'sdpa', 'flash')")
+        if self.layout_to_image not in ("box", "open"):
+            raise ValueError(f"layout_to_image {self.layout_to_image!r} is not one of ('box', 'open')")
         return self
 
     def to_dict(self) -> dict:
@@ -130,3 +140,94 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(**values).validate()
 
+
+
+# ---- training (stages 1-2) --------------------------------------------------------------------
+TRAIN_MODES = ("text_layout", "full")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """One supervised stage: what `structmar train` runs. Saved in every checkpoint next to the ModelConfig.
+
+    Field names are the paper's flags. Batch size is per GPU (rank); the global batch is
+    batch_size x grad_accum x world size and lr = blr x global batch / 256 unless `lr` is given.
+    """
+
+    output_dir: str = "output"
+    data: str | None = None  # shard directory; None: <coco_root>/shards
+    coco_root: str = "data/coco"
+    coco_split: str = "train2014"
+    model: str | None = None  # ModelConfig preset; None: the --resume file's config
+    diffloss_d: int | None = None  # diffusion head depth; None keeps the preset's
+    diffloss_w: int | None = None  # diffusion head width; None keeps the preset's
+    resume: str | None = None  # MAR weights, a stage export, or a checkpoint directory
+    train_mode: str = "full"  # text_layout: only StructMAR's new modules train; full: everything
+    batch_size: int = 16  # per rank
+    grad_accum: int = 1
+    epochs: int = 400
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    warmup_epochs: float = 100.0
+    blr: float = 1e-4
+    lr: float | None = None  # absolute lr; None: blr x global batch / 256
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    ema_rate: float = 0.9999
+    label_drop_prob: float = 0.1
+    grad_checkpointing: bool = False
+    deepspeed_config: str = "ds_configs/zero2.json"
+    precision: str = "bf16"  # bf16 (fp32 master weights and gradient accumulation) or fp32
+    device: str = "cuda"
+    seed: int = 1
+    num_workers: int = 2
+    save_last_freq: int = 5  # epochs between checkpoints
+    save_steps: int = 0  # also checkpoint every this many optimizer steps (0: off)
+    keep_checkpoints: int = 2  # DeepSpeed checkpoint tags kept in output_dir/checkpoints
+    log_dir: str | None = None  # TensorBoard directory; None: output_dir/tensorboard
+    log_every: int = 20  # steps between progress lines and scalar logs
+    max_nonfinite: int = 10  # consecutive non-finite losses that abort the run
+
+    def validate(self) -> TrainConfig:
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode {self.train_mode!r} is not one of {TRAIN_MODES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device {self.device!r} is not 'cuda' or 'cpu'")
+        for name in ("batch_size", "grad_accum", "epochs", "max_nonfinite", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie in [0, epochs={self.epochs}]")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ValueError(f"ema_rate {self.ema_rate} must lie in [0, 1)")
+        return self
+
+    @property
+    def shard_dir(self) -> str:
+        """Where the training shards are: --data, else <coco_root>/shards (the split is a name inside)."""
+        return self.data or f"{self.coco_root.rstrip('/')}/shards"
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig this stage builds when no checkpoint brings one."""
+        if self.model is None:
+            raise ValueError("--model is required when no checkpoint brings a model config")
+        return model_config(
+            self.model,
+            diffusion_depth=self.diffloss_d,
+            diffusion_width=self.diffloss_w,
+            grad_checkpointing=self.grad_checkpointing,
+            label_drop_prob=self.label_drop_prob,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
