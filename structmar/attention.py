@@ -8,8 +8,9 @@ its dense (B, H, N, N) additive mask and the flex backend its `score_mod` / `mas
 it block by block inside the fused kernel and never materialise a B x H x N x N tensor.
 
 The backend is chosen once, by name (`select_attention`); blocks call the returned function and never
-branch on it. FlexAttention has no attention dropout: the flex backend refuses dropout_p > 0 with a clear
-error (train with attn_dropout=0 on flex, or use sdpa, which implements MAR's dropout exactly).
+branch on it. FlexAttention has no attention dropout: `auto` routes calls with dropout to sdpa (which
+implements MAR's dropout exactly), and an explicit flex backend refuses dropout_p > 0 with a clear error;
+train with attn_dropout=0 to get the fused flex kernel in training.
 """
 
 from __future__ import annotations
@@ -276,20 +277,32 @@ def _flash_available() -> bool:
     return True
 
 
+def auto_backend(is_cuda: bool, cross: bool, dropout_p: float, flash_installed: bool) -> str:
+    """The backend `auto` runs for one call (see select_attention)."""
+    if not is_cuda:
+        return "sdpa"
+    if cross:
+        return "flash" if flash_installed else "sdpa"
+    return "sdpa" if dropout_p > 0 else "flex"
+
+
 def select_attention(name: str, cross: bool = False) -> AttendFn:
     """The attention function for backend `name` (auto / sdpa / flex / flash).
 
-    auto resolves per call by device: for self-attention flex on CUDA, sdpa elsewhere; for the bias-free
-    cross-attention (`cross=True`) flash where flash-attn is installed on CUDA, sdpa elsewhere.
+    auto resolves per call to the fastest backend that computes exactly what is asked: for self-attention
+    flex on CUDA without attention dropout (sampling, evaluation, or training with attn_dropout=0), sdpa
+    otherwise (flex has no attention dropout; sdpa's memory-efficient kernel takes the float bias and
+    dropout); for the bias-free cross-attention (`cross=True`) flash where flash-attn is installed on
+    CUDA, sdpa elsewhere.
     """
     fixed = {"sdpa": sdpa_attention, "flex": flex_attention, "flash": flash_attention}
     if name in fixed:
         return fixed[name]
     if name != "auto":
         raise ValueError(f"unknown attention backend {name!r}; known: auto, {', '.join(fixed)}")
-    cuda_fn = flash_attention if cross and _flash_available() else (sdpa_attention if cross else flex_attention)
 
     def auto_attention(q, k, v, **kwargs):
-        return (cuda_fn if q.is_cuda else sdpa_attention)(q, k, v, **kwargs)
+        choice = auto_backend(q.is_cuda, cross, kwargs.get("dropout_p", 0.0), _flash_available())
+        return fixed[choice](q, k, v, **kwargs)
 
     return auto_attention

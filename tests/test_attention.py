@@ -161,3 +161,13 @@ def test_backend_selection_and_errors():
         flex_attention(q, q, q, dropout_p=0.1)
     with pytest.raises(ValueError, match="no additive layout bias"):
         select_attention("flash")(q, q, q, bias=LayoutBias(make_table([])))
+
+
+def test_auto_backend_is_the_fastest_exact_one():
+    from structmar.attention import auto_backend
+
+    assert auto_backend(is_cuda=False, cross=False, dropout_p=0.0, flash_installed=True) == "sdpa"
+    assert auto_backend(is_cuda=True, cross=False, dropout_p=0.0, flash_installed=False) == "flex"
+    assert auto_backend(is_cuda=True, cross=False, dropout_p=0.1, flash_installed=True) == "sdpa"  # flex: no dropout
+    assert auto_backend(is_cuda=True, cross=True, dropout_p=0.1, flash_installed=True) == "flash"
+    assert auto_backend(is_cuda=True, cross=True, dropout_p=0.0, flash_installed=False) == "sdpa"
