@@ -45,10 +45,132 @@ def _add_shapes(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_build_shards(sub) -> None:
+    p = sub.add_parser("build-shards", help="encode a COCO split into shards of VAE moments and CLIP embeddings")
+    p.add_argument("--coco_root", required=True, help="COCO tree: {root}/{split}/ images and {root}/annotations/")
+    p.add_argument("--coco_split", required=True, help="split name, e.g. train2014 (also the shard name prefix)")
+    p.add_argument("--out", required=True, help="shard directory (several splits may share it)")
+    p.add_argument("--tokenizer", required=True, choices=("kl16", "pixel"))
+    p.add_argument("--vae_path", default=None, help="MAR's kl16.ckpt (kl16 only)")
+    p.add_argument("--pixel_patch", type=int, default=4, help="patch side in pixels (pixel tokenizer only)")
+    p.add_argument("--clip_path", required=True, help="local CLIP directory (clip-vit-base-patch32 layout)")
+    p.add_argument("--image_size", type=int, default=256, help="training resolution (resize + centre crop)")
+    p.add_argument("--max_objects", type=int, default=16, help="boxes kept per image, largest first")
+    p.add_argument("--min_box_area", type=float, default=0.002, help="drop boxes under this fraction of the crop")
+    p.add_argument("--samples_per_shard", type=int, default=1000)
+    p.add_argument("--batch_size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--num_workers", type=int, default=1,
+                   help="builder processes: local processes to spawn, or with --worker_rank the total count")
+    p.add_argument("--worker_rank", type=int, default=None,
+                   help="build only this slot of --num_workers (default: RANK/WORLD_SIZE from the environment)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
+    p.add_argument("--verify", action="store_true", help="re-read every shard against the manifest at the end")
+
+    def run(args):
+        from structmar.shards import run_build
+
+        opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+        run_build(opts)
+
+    p.set_defaults(func=run)
+
+
+def _add_sample(sub) -> None:
+    # Sampling defaults live in structmar.evaluate (a flag left out is not passed).
+    p = sub.add_parser("sample", help="generate images of one layout spec (PNGs and box/tag overlays)",
+                       description='A layout spec is JSON: {"caption": "...", "units": "normalized" (default) or '
+                                   '"pixels", "image_size": S or [W, H] (needed for pixels), "boxes": [{"box": '
+                                   '[x0, y0, x1, y1], "tag": "red circle"}, ...]}.')
+    p.add_argument("--checkpoint", required=True, help="a stage export (checkpoint-last.safetensors) or its run dir")
+    p.add_argument("--layout", required=True, help="layout spec JSON file")
+    p.add_argument("--prompt", help="caption (overrides the spec's)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num_images", type=int, help="default 4")
+    p.add_argument("--batch_size", type=int, help="images per sampler call (default 16)")
+    p.add_argument("--num_iter", type=int, help="autoregressive steps (default 64)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--cfg_schedule", choices=("linear", "constant"), help="default linear")
+    p.add_argument("--temperature", type=float, help="diffusion sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--clip_path", help="the CLIP directory the model's shards were built with "
+                                       "(default pretrained_models/clip-vit-base-patch32)")
+    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="sample with the EMA weights (default: when the file has them)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
+
+    def run(args):
+        from structmar.evaluate import load_sampler, resolve_device, sample_layout
+        from structmar.sample import read_layout_spec
+
+        spec = read_layout_spec(args.layout)
+        if args.prompt is not None:
+            spec.caption = args.prompt
+        elif not spec.caption:
+            raise UserError(f"{args.layout}: caption: missing; give one in the spec or pass --prompt")
+        loading = {k: getattr(args, k) for k in ("clip_path", "vae_path", "ema") if getattr(args, k) is not None}
+        gen = load_sampler(args.checkpoint, device=resolve_device(args.device), **loading)
+        names = ("num_images", "batch_size", "seed", "num_iter", "cfg", "cfg_schedule", "temperature")
+        sampling = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        paths = sample_layout(gen, spec, args.out, source=args.layout, **sampling)
+        print(f"structmar sample: wrote {len(paths)} files to {args.out}")
+
+    p.set_defaults(func=run)
+
+def _add_eval(sub) -> None:
+    # Defaults live in structmar.evaluate.EvalOptions (a flag left out is not passed), so building the
+    # parser imports no torch.
+    p = sub.add_parser("eval", help="layout fidelity (AP, IoU, success), FID and CLIP score on a COCO-format val set",
+                       description="Runs as one process or one per GPU (RANK/WORLD_SIZE from torchrun/srun); "
+                                   "rank 0 merges the ranks' results through files under --out.")
+    p.add_argument("--checkpoint", required=True, help="a stage export (checkpoint-last.safetensors) or its run dir")
+    p.add_argument("--coco_root", required=True, help="COCO tree: {root}/{split}/ images and {root}/annotations/")
+    p.add_argument("--coco_split", help="split name (default val2014)")
+    p.add_argument("--out", required=True, help="output directory: results.json, results.md, figures/, samples/")
+    p.add_argument("--num_layouts", type=_positive_int, help="evaluate the first N usable layouts (default 0: all)")
+    p.add_argument("--batch_size", type=int, help="layouts per sampler call (default 16)")
+    p.add_argument("--eval_detector", help="detector scored against, not the RL reward detector: torchvision_frcnn "
+                                           "(default), hf or shapes")
+    p.add_argument("--eval_detector_path", help="its weights file (torchvision_frcnn) or directory (hf)")
+    p.add_argument("--reward_detector", help="also report the RL reward detector (same kinds)")
+    p.add_argument("--reward_detector_path")
+    p.add_argument("--score_threshold", type=float, help="drop detections scoring below it (default 0.05)")
+    p.add_argument("--inception_path",
+                   help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); FID is skipped without it")
+    p.add_argument("--clip_score_path", help="a two-tower CLIP directory for the CLIP score; skipped without it")
+    p.add_argument("--clip_path", help="the CLIP text encoder the model was trained with "
+                                       "(default pretrained_models/clip-vit-base-patch32)")
+    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="sample with the EMA weights (default: when the file has them)")
+    p.add_argument("--num_iter", type=int, help="autoregressive steps (default 64)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--cfg_schedule", choices=("linear", "constant"), help="default linear")
+    p.add_argument("--temperature", type=float, help="default 1.0")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--num_grids", type=_positive_int, help="4x4 figure grids to write (default 1)")
+    p.add_argument("--device", help="auto (default: cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
+    p.add_argument("--gather_timeout", type=float, help="seconds rank 0 waits for the other ranks (default 3600)")
+
+    def run(args):
+        import dataclasses
+
+        from structmar.evaluate import EvalOptions, run_eval
+
+        fields = {f.name for f in dataclasses.fields(EvalOptions)}
+        opts = EvalOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+        if run_eval(opts) is not None:
+            print(f"structmar eval: wrote {opts.out}/results.json and results.md")
+
+    p.set_defaults(func=run)
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="structmar", description="StructMAR layout-to-image training system")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_shapes(sub)
+    _add_build_shards(sub)
+    _add_sample(sub)
+    _add_eval(sub)
     return parser
 
 

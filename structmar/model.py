@@ -416,6 +416,9 @@ class StructMAR(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+EXPORT = "checkpoint-last.safetensors"  # a stage's consolidated model + EMA, the next stage's --resume
+
+
 @dataclass
 class Weights:
     model: dict
@@ -480,6 +483,19 @@ def read_weights(path: str) -> Weights:
             return Weights(obj)
         raise ValueError(f"{path} has no 'model' entry (keys: {sorted(obj)[:8]})")
     return Weights(obj["model"], obj.get("model_ema"), _config_from_mar_args(obj.get("args")))
+
+
+def write_export(path: str, model_sd: dict, ema_sd: dict, model_cfg: ModelConfig, meta: dict | None = None) -> None:
+    """A stage export: keys "model.<name>" and "model_ema.<name>", the ModelConfig json in metadata["config"]."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_sd.items()}
+    # safetensors refuses shared storage; an EMA entry may alias its model entry (frozen tensors, buffers)
+    tensors.update({f"model_ema.{k}": v.detach().cpu().clone() for k, v in ema_sd.items()})
+    metadata = {"config": json.dumps(model_cfg.to_dict()), **{k: str(v) for k, v in (meta or {}).items()}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
 
 
 def load_weights(model: nn.Module, state_dict: dict) -> LoadReport:

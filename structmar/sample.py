@@ -7,13 +7,19 @@ random order per image. The CFG scale is constant or linear in the share of toke
 the unconditional branch is the null text + null layout condition. With `record=True` every generated
 token's reverse diffusion chain is kept (x_t, x_{t-1}, mean, std, AR step, token index, timestep): what
 GRPO needs to recompute log N(x_{t-1}; mu_theta(x_t, t, z), sigma^2) with `diffusion.step_log_prob`.
+
+The conditions come in as the training batch's text/layout keys; `condition_batch` builds them from
+captions, boxes and tags with the CLIP text encoder, and `parse_layout_spec` reads a user's layout
+spec (the JSON file of `structmar sample`) with one-line errors naming the field at fault.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from structmar.diffusion import DenoisingTrace
@@ -114,3 +120,147 @@ def generate_images(model: StructMAR, tokenizer, batch: dict, **kwargs) -> tuple
     """Sample latents and decode them: images in [-1, 1] (B, 3, S, S) and the SampleOutput."""
     out = sample_latents(model, batch, **kwargs)
     return tokenizer.decode(out.latents), out
+
+
+# ---- conditions: layout specs and the batch they become ----------------------------------------------
+
+SPEC_UNITS = ("normalized", "pixels")
+_SPEC_FIELDS = ("caption", "units", "image_size", "boxes")
+_BOX_FIELDS = ("box", "tag")
+
+
+@dataclass
+class LayoutSpec:
+    """A caption and boxes (K, 4) normalised xyxy, each with a tag (a category name or free text)."""
+
+    caption: str
+    boxes: np.ndarray
+    tags: list[str]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_layout_spec(spec, source: str = "layout") -> LayoutSpec:
+    """A layout spec (parsed JSON) -> LayoutSpec; errors read "<source>: <field>: <what is wrong>".
+
+    The spec is an object:
+      caption     string (may be left out when the caller supplies a prompt: it is then "")
+      units       "normalized" (default: coordinates in [0, 1]) or "pixels" (needs image_size)
+      image_size  side in pixels, or [width, height]: the canvas pixel boxes are measured on
+      boxes       list of {"box": [x0, y0, x1, y1], "tag": "red circle"} (xyxy, x1 > x0, y1 > y0)
+    """
+    def fail(where: str, what: str):
+        raise ValueError(f"{source}: {where}: {what}")
+
+    if not isinstance(spec, dict):
+        raise ValueError(f"{source}: a layout spec is a JSON object, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(_SPEC_FIELDS))
+    if unknown:
+        fail(unknown[0], f"unknown field (known: {', '.join(_SPEC_FIELDS)})")
+    caption = spec.get("caption", "")
+    if not isinstance(caption, str):
+        fail("caption", f"expected a string, got {json.dumps(caption)}")
+
+    units = spec.get("units", "normalized")
+    if units == "normalised":
+        units = "normalized"
+    if units not in SPEC_UNITS:
+        fail("units", f"{json.dumps(units)} is not one of {', '.join(SPEC_UNITS)}")
+    size = spec.get("image_size")
+    if size is not None:
+        sides = size if isinstance(size, list) else [size]
+        if len(sides) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                for v in sides):
+            fail("image_size", f"expected a positive integer or [width, height], got {json.dumps(size)}")
+        width, height = sides[0], sides[-1]
+    elif units == "pixels":
+        fail("image_size", 'missing: "units": "pixels" needs the canvas size the boxes are measured on')
+    else:
+        width = height = 1
+    extent = (1, 1) if units == "normalized" else (width, height)
+
+    raw = spec.get("boxes", [])
+    if not isinstance(raw, list):
+        fail("boxes", f"expected a list of {{\"box\": [x0, y0, x1, y1], \"tag\": ...}}, got {type(raw).__name__}")
+    boxes, tags = [], []
+    for i, item in enumerate(raw):
+        where = f"boxes[{i}]"
+        if not isinstance(item, dict):
+            fail(where, f'expected an object {{"box": [x0, y0, x1, y1], "tag": ...}}, got {json.dumps(item)}')
+        unknown = sorted(set(item) - set(_BOX_FIELDS))
+        if unknown:
+            fail(f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(_BOX_FIELDS)})")
+        if "box" not in item:
+            fail(f"{where}.box", "missing")
+        box = item["box"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            fail(f"{where}.box", f"expected four numbers [x0, y0, x1, y1], got {json.dumps(box)}")
+        x0, y0, x1, y1 = box
+        for lo, hi, a, b in (("x0", "x1", x0, x1), ("y0", "y1", y0, y1)):
+            if b <= a:
+                fail(f"{where}.box", f"{hi} {b:g} {'<' if b < a else '='} {lo} {a:g}")
+        for name, v, top in (("x0", x0, extent[0]), ("y0", y0, extent[1]), ("x1", x1, extent[0]),
+                             ("y1", y1, extent[1])):
+            if not 0 <= v <= top:
+                hint = (' (pixel boxes need "units": "pixels" and "image_size")' if units == "normalized"
+                        else f" (image_size {width}x{height})")
+                fail(f"{where}.box", f"{name} {v:g} is outside [0, {top:g}]{hint}")
+        if "tag" not in item:
+            fail(f"{where}.tag", "missing (a category name or free text)")
+        tag = item["tag"]
+        if not isinstance(tag, str) or not tag.strip():
+            fail(f"{where}.tag", f"expected a non-empty string, got {json.dumps(tag)}")
+        boxes.append([x0 / extent[0], y0 / extent[1], x1 / extent[0], y1 / extent[1]])
+        tags.append(tag.strip())
+    return LayoutSpec(caption.strip(), np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tags)
+
+
+def read_layout_spec(path: str) -> LayoutSpec:
+    """parse_layout_spec of a JSON file; errors name the file."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"layout spec {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return parse_layout_spec(spec, source=path)
+
+
+@torch.no_grad()
+def condition_batch(text_encoder, captions: list[str], boxes: list[np.ndarray], tags: list[list[str]],
+                    category_ids: list[np.ndarray] | None = None, image_ids: list[int] | None = None) -> dict:
+    """The text/layout keys of the training batch contract for B captions and layouts (boxes normalised xyxy).
+
+    Padding as the shard loader pads: boxes 0, box_mask False, tag_embeds 0, category_ids -1.
+    """
+    if not len(captions) == len(boxes) == len(tags):
+        raise ValueError(f"{len(captions)} captions, {len(boxes)} box sets and {len(tags)} tag lists")
+    B = len(captions)
+    k = max((len(b) for b in boxes), default=0)
+    tokens, mask, pooled = text_encoder.encode(captions)  # (B, Lt, D), (B, Lt), (B, D)
+    dev, D = pooled.device, pooled.shape[-1]
+    batch = dict(
+        text_tokens=tokens, text_mask=mask, text_pooled=pooled,
+        boxes=torch.zeros(B, k, 4, device=dev), box_mask=torch.zeros(B, k, dtype=torch.bool, device=dev),
+        tag_embeds=torch.zeros(B, k, D, device=dev, dtype=pooled.dtype),
+        category_ids=torch.full((B, k), -1, dtype=torch.long, device=dev),
+        image_ids=torch.tensor(image_ids if image_ids is not None else range(B), dtype=torch.long, device=dev),
+    )
+    flat = [t for row in tags for t in row]
+    embeds = text_encoder.encode_tags(flat) if flat else None  # (sum K_i, D)
+    start = 0
+    for i, (b, t) in enumerate(zip(boxes, tags)):
+        n = len(b)
+        if len(t) != n:
+            raise ValueError(f"layout {i}: {n} boxes but {len(t)} tags")
+        if n:
+            batch["boxes"][i, :n] = torch.as_tensor(np.asarray(b, dtype=np.float32), device=dev)
+            batch["box_mask"][i, :n] = True
+            batch["tag_embeds"][i, :n] = embeds[start:start + n]
+            if category_ids is not None:
+                batch["category_ids"][i, :n] = torch.as_tensor(np.asarray(category_ids[i]), device=dev)
+        start += n
+    return batch

@@ -12,6 +12,15 @@ from structmar.tokenizer import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core box, OpenMP threads spinning against other jobs cost 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_pixel_round_trip_and_moments():
     tok = PixelTokenizer(4)
     images = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -1,0 +1,130 @@
+"""CLIP text encoder read from a local directory (never from a hub).
+
+A directory in the layout of `pretrained_models/clip-vit-base-patch32` holds both the tokenizer and
+the text model. `write_random_clip` writes a random-init directory in the same format with a
+tokenizer built offline, for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+CLIP_MAX_LENGTH = 77  # CLIP's context length
+
+CLIP_HOWTO = (
+    "download it once on a machine with internet access, e.g. "
+    "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir pretrained_models/clip-vit-base-patch32`, "
+    "or write a random one for tests with structmar.text.write_random_clip(dir)"
+)
+
+# size -> CLIPTextConfig fields; "base" is ViT-B/32's text transformer (a smaller vocabulary: the
+# offline tokenizer's byte-level symbols only).
+_SIZES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                 projection_dim=512),
+}
+
+
+class TextEncoder(nn.Module):
+    """Captions -> CLIP last hidden states, attention mask and pooled (end-of-text) embedding."""
+
+    def __init__(self, tokenizer, model, name: str, max_length: int = CLIP_MAX_LENGTH):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.max_length = min(max_length, model.config.max_position_embeddings)
+        self.dim = model.config.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        max_length: int = CLIP_MAX_LENGTH) -> TextEncoder:
+        """Load tokenizer and text model from local directory `path` (no network access)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"CLIP directory {path} not found; {CLIP_HOWTO}")
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+            model = CLIPTextModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except OSError as e:
+            raise FileNotFoundError(f"CLIP directory {path} is incomplete ({e}); {CLIP_HOWTO}") from e
+        return cls(tokenizer, model.to(device), name=os.path.basename(os.path.normpath(path)), max_length=max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def id(self) -> str:
+        c = self.model.config
+        return f"{self.name}:w{c.hidden_size}-l{c.num_hidden_layers}-v{c.vocab_size}"
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """captions (B strings) -> tokens (B, L, D), mask (B, L) bool (True = real token), pooled (B, D).
+
+        L is the longest caption in the batch (<= max_length); CLIP's causal attention makes each
+        real token's state independent of the padding after it, so the padding length does not matter.
+        """
+        if not captions:
+            raise ValueError("encode() needs at least one caption")
+        enc = self.tokenizer(list(captions), padding="longest", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state, mask.bool(), out.pooler_output
+
+    @torch.no_grad()
+    def encode_tags(self, tags: list[str]) -> torch.Tensor:
+        """Box tags (N strings: category names or free text) -> pooled embeddings (N, D)."""
+        if not tags:
+            return torch.zeros(0, self.dim, device=self.device)
+        return self.encode(tags)[2]
+
+
+def _offline_vocab() -> dict[str, int]:
+    """CLIP's byte-level symbols, each again with the end-of-word suffix, then the two special tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def write_random_clip(path: str, seed: int = 0, size: str = "tiny") -> str:
+    """Write a random-init CLIP text model and an offline-built CLIPTokenizer into `path` (save_pretrained).
+
+    "tiny" (32 wide, 2 layers) is for tests; "base" is ViT-B/32's text transformer (512 wide, 12
+    layers), which the demo uses as a fixed random feature extractor. Returns `path`.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if size not in _SIZES:
+        raise ValueError(f"unknown CLIP size {size!r}; known: {', '.join(_SIZES)}")
+    os.makedirs(path, exist_ok=True)
+    vocab = _offline_vocab()
+    # A merges file holding only the version header: words tokenize symbol by symbol.
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    config = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=CLIP_MAX_LENGTH,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, **_SIZES[size])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
