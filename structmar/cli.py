@@ -7,6 +7,7 @@ can fix (bad flags, missing files, bad data) print as one line and exit with cod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -71,6 +72,67 @@ def _add_build_shards(sub) -> None:
 
         opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
         run_build(opts)
+
+    p.set_defaults(func=run)
+
+
+def _add_train(sub) -> None:
+    from structmar.config import LR_SCHEDULES, PRECISIONS, PRESETS, TRAIN_MODES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="supervised stages 1-2 (text_layout / full) under DeepSpeed",
+                       description="Runs as one process, or under deepspeed / torchrun / srun (one process per GPU).")
+    p.add_argument("--output_dir", default=d.output_dir, help="checkpoints, export and logs; rerunning continues it")
+    p.add_argument("--data", default=d.data, help="shard directory (default: <coco_root>/shards/<coco_split>)")
+    p.add_argument("--coco_root", default=d.coco_root)
+    p.add_argument("--coco_split", default=d.coco_split, help="split name inside the shard directory")
+    p.add_argument("--model", default=d.model, choices=sorted(PRESETS),
+                   help="model preset (default: the --resume file's config)")
+    p.add_argument("--diffloss_d", type=int, default=d.diffloss_d, help="diffusion head depth (default: preset's)")
+    p.add_argument("--diffloss_w", type=int, default=d.diffloss_w, help="diffusion head width (default: preset's)")
+    p.add_argument("--resume", default=d.resume,
+                   help="MAR weights (.pth/.safetensors), a stage export, or a run directory")
+    p.add_argument("--train_mode", default=d.train_mode, choices=TRAIN_MODES,
+                   help="text_layout: train only structmar's new modules; full: everything")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="per GPU (rank)")
+    p.add_argument("--grad_accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
+    p.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--blr", type=float, default=d.blr, help="base lr: lr = blr x global batch / 256")
+    p.add_argument("--lr", type=float, default=d.lr, help="absolute lr (overrides --blr)")
+    p.add_argument("--min_lr", type=float, default=d.min_lr, help="floor of the cosine schedule")
+    p.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
+    p.add_argument("--ema_rate", type=float, default=d.ema_rate)
+    p.add_argument("--label_drop_prob", type=float, default=d.label_drop_prob, help="condition dropout for CFG")
+    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--deepspeed_config", default=d.deepspeed_config, help="ZeRO json (ds_configs/)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
+    p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num_workers", type=int, default=d.num_workers, help="data loader workers per rank")
+    p.add_argument("--save_last_freq", type=int, default=d.save_last_freq, help="epochs between checkpoints")
+    p.add_argument("--save_steps", type=int, default=d.save_steps, help="also checkpoint every N steps (0: off)")
+    p.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--log_dir", default=d.log_dir, help="TensorBoard directory (default: <output_dir>/tensorboard)")
+    p.add_argument("--log_every", type=int, default=d.log_every, help="steps between progress lines")
+    p.add_argument("--sample_every", type=int, default=d.sample_every,
+                   help="steps between TensorBoard grids of EMA samples (0: off)")
+    p.add_argument("--vae_path", default=d.vae_path, help="kl16 checkpoint to decode those samples")
+    p.add_argument("--max_nonfinite", type=int, default=d.max_nonfinite,
+                   help="consecutive non-finite losses that abort the run")
+
+    def run(args):
+        import dataclasses
+
+        from structmar.train import train
+
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        try:
+            train(cfg)
+        except FloatingPointError as e:
+            raise UserError(str(e)) from None
 
     p.set_defaults(func=run)
 
@@ -166,9 +228,12 @@ def _add_eval(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="structmar", description="StructMAR layout-to-image training system")
+    # the deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is set from it)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_shapes(sub)
     _add_build_shards(sub)
+    _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
     return parser
@@ -177,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.local_rank is not None:
+            os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
         args.func(args)
     except (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
         print(f"structmar: error: {e}", file=sys.stderr)

@@ -122,7 +122,11 @@ class ModelConfig:
 _MAR = dict(tokenizer="kl16", image_size=256)
 PRESETS: dict[str, dict] = {
     "tiny": dict(width=64, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=2, diffusion_width=128),
-    "small": dict(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=3, diffusion_width=256),
+    # the CPU demo's model (~2M): one diffusion sample per token, 25 sampling steps and no dropout (a quarter
+    # of a CPU step, and no use in minutes-long runs) keep training near 100 images/s and sampling at a
+    # fraction of a second per image on 2 cores
+    "small": dict(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=3, diffusion_width=128,
+                  diffusion_batch_mul=1, num_sampling_steps=25, attn_dropout=0.0, proj_dropout=0.0),
     "mar_base": dict(_MAR, width=768, encoder_depth=12, decoder_depth=12, num_heads=12,
                      diffusion_depth=6, diffusion_width=1024),
     "mar_large": dict(_MAR, width=1024, encoder_depth=16, decoder_depth=16, num_heads=16,
@@ -157,7 +161,7 @@ class TrainConfig:
     """
 
     output_dir: str = "output"
-    data: str | None = None  # shard directory; None: <coco_root>/shards
+    data: str | None = None  # shard directory; None: <coco_root>/shards/<coco_split>
     coco_root: str = "data/coco"
     coco_split: str = "train2014"
     model: str | None = None  # ModelConfig preset; None: the --resume file's config
@@ -187,6 +191,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # DeepSpeed checkpoint tags kept in output_dir/checkpoints
     log_dir: str | None = None  # TensorBoard directory; None: output_dir/tensorboard
     log_every: int = 20  # steps between progress lines and scalar logs
+    sample_every: int = 1000  # steps between TensorBoard grids of EMA samples (0: off)
+    vae_path: str = "pretrained_models/vae/kl16.ckpt"  # kl16 decoder for those samples
     max_nonfinite: int = 10  # consecutive non-finite losses that abort the run
 
     def validate(self) -> TrainConfig:
@@ -198,7 +204,10 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device {self.device!r} is not 'cuda' or 'cpu'")
-        for name in ("batch_size", "grad_accum", "epochs", "max_nonfinite", "log_every", "keep_checkpoints"):
+        if self.sample_every < 0 or self.save_steps < 0 or self.max_steps < 0:
+            raise ValueError("sample_every, save_steps and max_steps must be >= 0")
+        for name in ("batch_size", "grad_accum", "epochs", "max_nonfinite", "log_every", "keep_checkpoints",
+                     "save_last_freq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
@@ -209,8 +218,8 @@ class TrainConfig:
 
     @property
     def shard_dir(self) -> str:
-        """Where the training shards are: --data, else <coco_root>/shards (the split is a name inside)."""
-        return self.data or f"{self.coco_root.rstrip('/')}/shards"
+        """Where the training shards are: --data, else <coco_root>/shards/<coco_split> (as slurm/ builds them)."""
+        return self.data or f"{self.coco_root.rstrip('/')}/shards/{self.coco_split}"
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig this stage builds when no checkpoint brings one."""
@@ -227,7 +236,74 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+# ---- stage 3: GRPO with detector rewards ----------------------------------------------------------
+DETECTOR_KINDS = ("torchvision_frcnn", "hf", "shapes")
+SIGMA_MODES = ("exclude", "floor")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Stage 3 (GRPO): what `structmar rl` runs; the loop, engine and checkpoints are stage 1-2's.
+
+    Defaults are the paper's stage-3 command (group 4, batch 4, 256 AR iterations, kl 0.02, lr 1e-6,
+    10 epochs). The policy starts from --resume; a frozen copy of those weights, kept on the CPU, is the
+    KL reference. The diffusion head is frozen unless `train_head`.
+    """
+
+    epochs: int = 10
+    batch_size: int = 4  # layouts per rank; each yields group_size rollouts
+    warmup_epochs: float = 0.0
+    lr: float | None = 1e-6
+    ema_rate: float = 0.999
+    detector: str = "torchvision_frcnn"
+    detector_path: str | None = None
+    detector_threshold: float = 0.05  # detections below this score are ignored by the reward
+    reward_iou: float = 1.0
+    reward_confidence: float = 0.25
+    reward_centroid: float = 0.5
+    reward_missing: float = 0.5
+    group_size: int = 4
+    num_iter: int = 256  # AR steps per rollout
+    rl_step_ratio: float = 1.0  # share of the AR steps whose transitions an update recomputes
+    diffusion_step_ratio: float = 1.0  # share of each selected step's denoising steps recomputed
+    rollout_steps: int | None = None  # diffusion steps per token in rollouts; None: the model's num_sampling_steps
+    rollout_cfg: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    clip_range: float = 0.2
+    kl_coef: float = 0.02
+    min_sigma: float = 0.02
+    sigma_mode: str = "exclude"
+    inner_steps: int = 1  # optimizer steps per rollout
+    anchor_coef: float = 0.0  # weight of the supervised loss kept as an anchor
+    train_head: bool = False
+    ref_device: str = "cpu"
+
+    def validate(self) -> RLConfig:
+        super().validate()
+        if self.detector not in DETECTOR_KINDS:
+            raise ValueError(f"detector {self.detector!r} is not one of {DETECTOR_KINDS}")
+        if self.sigma_mode not in SIGMA_MODES:
+            raise ValueError(f"sigma_mode {self.sigma_mode!r} is not one of {SIGMA_MODES}")
+        if self.ref_device not in ("cpu", "cuda") or (self.ref_device == "cuda" and self.device != "cuda"):
+            raise ValueError(f"ref_device {self.ref_device!r} must be 'cpu', or 'cuda' with --device cuda")
+        if self.cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is not 'constant' or 'linear'")
+        for name in ("group_size", "num_iter", "inner_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
+        for name in ("rl_step_ratio", "diffusion_step_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        if self.rollout_steps is not None and self.rollout_steps < 2:
+            raise ValueError(f"rollout_steps must be >= 2, got {self.rollout_steps}")
+        if self.clip_range <= 0 or self.kl_coef < 0 or self.min_sigma < 0 or self.temperature <= 0:
+            raise ValueError("clip_range and temperature must be > 0; kl_coef and min_sigma >= 0")
+        if self.lr is None or self.lr <= 0:
+            raise ValueError(f"lr must be > 0 for GRPO, got {self.lr}")
+        if not self.resume:
+            raise ValueError("--resume is required: GRPO starts from a trained model (and keeps it as the reference)")
+        return self

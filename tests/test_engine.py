@@ -1,0 +1,201 @@
+"""structmar.engine: DeepSpeed config building, launcher environments, ZeRO-3 partitions, checkpoint
+bookkeeping, and (in one plain subprocess) the step's non-finite skip, the EMA and bf16 exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from structmar import engine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, cfg: dict) -> str:
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_ds_config_filled_from_cli(tmp_path):
+    path = _write(tmp_path / "z.json", {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}})
+    cfg = engine.build_ds_config(path, micro_batch=8, grad_accum=2, world_size=4, lr=3e-4, precision="bf16")
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (
+        8, 2, 64)
+    assert cfg["optimizer"]["params"]["lr"] == 3e-4
+    assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32 = engine.build_ds_config(path, micro_batch=1, grad_accum=1, world_size=1, lr=1.0, precision="fp32",
+                                  load_universal=True)
+    assert not fp32["bf16"]["enabled"] and "data_types" not in fp32
+    assert fp32["checkpoint"]["load_universal"]
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, r"zero_optimization.reduce_bucket_size"),
+        ({"train_micro_batch_size_per_gpu": 4}, "batch sizes come from --batch_size"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs ZeRO stage 3"),
+    ],
+)
+def test_ds_config_rejects(tmp_path, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        engine.build_ds_config(_write(tmp_path / "bad.json", cfg), micro_batch=1, grad_accum=1, world_size=1,
+                               lr=1.0, precision="fp32")
+
+
+@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_shipped_ds_configs(name, stage):
+    path = str(REPO / "ds_configs" / f"{name}.json")
+    cfg = engine.build_ds_config(path, micro_batch=64, grad_accum=1, world_size=8, lr=1e-4, precision="bf16")
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["gradient_clipping"] == 3.0
+    opt = cfg["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["betas"] == [0.9, 0.95] and opt["params"]["weight_decay"] == 0.02
+    with open(path) as f:
+        raw = json.load(f)
+    assert raw["data_types"]["grad_accum_dtype"] == "fp32" and raw["bf16"]["enabled"]
+
+
+def test_launcher_environments(monkeypatch):
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "8"}
+    monkeypatch.setattr(engine, "subprocess", SimpleNamespace(run=_no_scontrol, CalledProcessError=OSError))
+    engine._fill_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "8", "1", "gpu07")
+    assert env["MASTER_PORT"] == str(20000 + 1234)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    before = dict(torchrun)
+    engine._fill_launcher_env(torchrun)
+    assert torchrun == before
+    plain: dict = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}  # inside sbatch but not srun: a world of one
+    engine._fill_launcher_env(plain)
+    assert (plain["RANK"], plain["WORLD_SIZE"], plain["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+def _no_scontrol(*args, **kwargs):
+    raise OSError("scontrol not installed")
+
+
+def test_zero3_partitions_reassemble():
+    full = torch.arange(10.0).reshape(2, 5)
+    parts = []
+    for rank in range(3):
+        p = SimpleNamespace(ds_tensor=torch.empty(4))  # ceil(10 / 3) = 4, padded at the end
+        parts.append(engine._local_partition(full, p, SimpleNamespace(rank=rank, world_size=3)))
+    flat = torch.cat(parts)
+    assert torch.equal(flat[:10].view(2, 5), full) and not flat[10:].any()
+
+
+def test_latest_survives_an_interrupted_save(tmp_path):
+    ckpt = tmp_path / engine.CHECKPOINTS
+    for step in (2, 4, 6):
+        tag = ckpt / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / engine.TRAINER_STATE).write_text(json.dumps({"step": step}))
+        os.utime(tag / engine.TRAINER_STATE, (step, step))
+    engine._atomic_write(str(ckpt / engine.LATEST), "step_00000006")
+    (ckpt / "step_00000008").mkdir()  # a save killed before it completed: no trainer state, `latest` unmoved
+    (ckpt / "step_00000008" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    tag, state = engine.latest_checkpoint(str(tmp_path))
+    assert tag == "step_00000006" and state["step"] == 6
+    engine._prune(str(ckpt), keep=2, current="step_00000006")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000004", "step_00000006", "step_00000008"]
+    assert engine.latest_checkpoint(str(tmp_path / "nothing")) is None
+
+
+_STEP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from structmar import engine
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 1)
+            self.register_buffer("scale", torch.tensor(2.0))
+            self.poison = False
+
+        def forward(self, batch):
+            loss = self.head(torch.tanh(self.body(batch["x"]))).pow(2).mean() * self.scale.float()
+            if self.poison:
+                loss = loss * float("inf")
+            return loss, {"sq": loss.detach()}
+
+    env = engine.init_distributed("cpu")
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = Toy()
+        with torch.no_grad():
+            model.body.weight.add_(1e-3)  # values bf16 cannot hold
+        model.body.requires_grad_(False)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1,
+                                     precision=precision)
+        eng = engine.Engine(model, cfg, env, ema_rate=0.5)
+        batch = {"x": torch.randn(2, 4)}
+        eng.module.poison = True
+        before = {k: v.detach().clone() for k, v in eng.module.named_parameters()}
+        skipped = eng.train_step(batch, lr=0.1)
+        unchanged = all(torch.equal(before[k], v) for k, v in eng.module.named_parameters())
+        eng.module.poison = False
+        ok = eng.train_step(batch, lr=0.1)
+        model_sd, ema_sd = eng.consolidated()
+        w = model_sd["head.weight"]
+        out[precision] = dict(
+            skipped=skipped.skipped, applied=skipped.applied, unchanged=unchanged, ok=ok.applied,
+            loss_finite=ok.loss == ok.loss, metric=ok.metrics["sq"], grad_norm=ok.grad_norm,
+            keys=sorted(model_sd) == sorted(initial) == sorted(ema_sd),
+            frozen_exact=torch.equal(model_sd["body.weight"], initial["body.weight"])
+                         and torch.equal(ema_sd["body.weight"], initial["body.weight"]),
+            ema_formula=(ema_sd["head.weight"] - (0.5 * initial["head.weight"] + 0.5 * w)).abs().max().item(),
+            moved=(w - initial["head.weight"]).abs().max().item(),
+        )
+    # an objective replacing the forward (stage 3's interface), and its refusal under ZeRO-3
+    torch.manual_seed(0)
+    model = Toy()
+    cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1, precision="fp32")
+    eng = engine.Engine(model, cfg, env, ema_rate=0.5, loss_fn=lambda m, b: (3 * m(b)[0], {"three": torch.tensor(3.0)}))
+    with torch.no_grad():
+        plain = model(batch)[0].item()
+    r = eng.train_step(batch, lr=0.1)
+    out["objective"] = dict(ratio=r.loss / plain, metrics=sorted(r.metrics), applied=r.applied)
+    zero3 = dict(cfg, zero_optimization={"stage": 3})
+    try:
+        engine.Engine(Toy(), zero3, env, ema_rate=0.5, loss_fn=lambda m, b: m(b))
+        out["zero3_refused"] = False
+    except ValueError as e:
+        out["zero3_refused"] = "ZeRO stage 0-2" in str(e)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_engine_step_skip_ema_and_export_in_one_process(tmp_path):
+    """One plain process (no launcher): world of one, ZeRO-2, fp32 then bf16 on CPU."""
+    script = tmp_path / "step.py"
+    script.write_text(_STEP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(REPO / "ds_configs" / "zero2.json")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    objective = result.pop("objective")
+    assert objective["applied"] and objective["metrics"] == ["three"] and objective["ratio"] == pytest.approx(3.0)
+    assert result.pop("zero3_refused")
+    for precision, r in result.items():
+        assert r["skipped"] and not r["applied"] and r["unchanged"], precision  # inf loss: nothing applied
+        assert r["ok"] and r["loss_finite"] and r["grad_norm"] > 0 and r["keys"], precision
+        assert r["frozen_exact"], precision  # frozen weights export bit-identical, bf16 engine included
+        assert r["moved"] > 1e-3, precision
+        # EMA from the fp32 weights as loaded and the fp32 master after the step, bf16 engine included
+        assert r["ema_formula"] <= 1e-7, (precision, r["ema_formula"])

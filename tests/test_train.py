@@ -1,0 +1,304 @@
+"""structmar.train: the stage loop, resume rules, and end-to-end runs under the real launchers.
+
+The slow tests launch 2 gloo ranks with `deepspeed --num_gpus 2` (or one plain process) on a tiny
+StructMAR over real Shapes shards, through `tests/train_driver.py` (the library's `train` with test
+hooks) or through `structmar train` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from structmar.cli import build_parser
+from structmar.config import TrainConfig, model_config
+from structmar.engine import CHECKPOINTS, LATEST, TRAINER_STATE
+from structmar.model import StructMAR, is_addition, read_weights
+from structmar.shapes import generate_shapes
+from structmar.shards import ShardLoader, run_build
+from structmar.text import write_random_clip
+from structmar.train import EXPORT, LOG, Start, lr_at, plan_start, resolve_model_config, write_export
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "train_driver.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+MODEL = model_config("tiny", text_dim=32)  # the tiny random CLIP is 32 wide
+
+
+# ---- fast: schedule, flags, resume rules ------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr_schedule="constant")
+    assert lr_at(cfg, 1.0, 0.0) == 0.0
+    assert lr_at(cfg, 1.0, 1.0) == pytest.approx(0.5)
+    assert lr_at(cfg, 1.0, 7.3) == 1.0
+    cos = dataclasses.replace(cfg, lr_schedule="cosine", min_lr=0.1)
+    assert lr_at(cos, 1.0, 2.0) == pytest.approx(1.0)
+    assert lr_at(cos, 1.0, 6.0) == pytest.approx(0.55)
+    assert lr_at(cos, 1.0, 10.0) == pytest.approx(0.1)
+
+
+def test_every_train_flag_maps_to_config_and_is_read():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = sub.choices["train"]
+    dests = {a.dest for a in parser._actions} - {"help", "local_rank"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert dests == fields
+    source = (REPO / "structmar" / "train.py").read_text() + (REPO / "structmar" / "config.py").read_text()
+    unread = [name for name in fields if f"cfg.{name}" not in source and f"self.{name}" not in source]
+    assert not unread, f"flags never read: {unread}"
+    for flag in ("--output_dir", "--coco_root", "--coco_split", "--model", "--diffloss_d", "--diffloss_w", "--resume",
+                 "--batch_size", "--epochs", "--warmup_epochs", "--train_mode", "--blr", "--label_drop_prob",
+                 "--save_last_freq", "--grad_checkpointing", "--device", "--data", "--deepspeed_config",
+                 "--ema_rate", "--seed", "--lr_schedule", "--log_dir"):
+        assert flag in parser._option_string_actions, flag
+
+
+def test_missing_shards_error_names_the_build_command(tmp_path, capsys):
+    from structmar.cli import main
+
+    code = main(["train", "--model", "tiny", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
+                 "--coco_root", str(tmp_path / "coco")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "structmar build-shards" in err and str(tmp_path / "coco" / "shards" / "train2014") in err
+
+
+def test_resume_rules(tmp_path):
+    init = tmp_path / "init.safetensors"
+    sd = StructMAR(MODEL).state_dict()
+    write_export(str(init), sd, sd, MODEL)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), resume=str(init))
+    start = plan_start(cfg)
+    assert start == Start(weights_path=str(init))
+    # the file's config is used without --model; --model must agree with its shape
+    assert resolve_model_config(cfg, start, read_weights(str(init)).config).text_dim == 32
+    with pytest.raises(ValueError, match="width"):
+        resolve_model_config(dataclasses.replace(cfg, model="small"), start, read_weights(str(init)).config)
+    with pytest.raises(FileNotFoundError, match="without checkpoint-last"):
+        plan_start(dataclasses.replace(cfg, resume=str(tmp_path)))
+    # another run's directory means its export
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(init, other / EXPORT)
+    assert plan_start(dataclasses.replace(cfg, resume=str(other))).weights_path == str(other / EXPORT)
+
+
+# ---- slow: real launchers ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(ranks: int, args: list[str], cwd: Path, module: bool = False, timeout: int = 300):
+    """ranks 0: one plain process (no launcher); otherwise `deepspeed --num_gpus ranks`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks share 2 cores
+    if ranks == 0:
+        cmd = [sys.executable, *(["-m"] if module else []), *args]
+    else:
+        # with --module the launcher runs `python -m structmar --local_rank=N <args>`, as users type it
+        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               *(["--module"] if module else []), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _drive(ranks: int, spec: dict, tmp: Path, name: str):
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return _launch(ranks, [str(DRIVER), str(path)], cwd=tmp)
+
+
+def _log_losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss; a continued run appends, so the last row of a step wins."""
+    rows = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _eval_loss(state_dict: dict, shard_dir: Path) -> float:
+    """Mean model loss on 64 fixed samples with a fixed torch seed: the same masks, timesteps and noise for
+    any weights, so two calls compare the weights alone (eval mode: no dropout, no condition drop)."""
+    model = StructMAR(MODEL)
+    model.load_state_dict(state_dict)
+    model.eval()
+    batches = list(iter(ShardLoader(str(shard_dir), "train2014", MODEL, 16, shuffle=False)))
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return sum(model(b)[0].item() for b in batches) / len(batches)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Shapes (64 train images, 32 px) -> pixel-token shards with a tiny random CLIP, and an init export."""
+    root = tmp_path_factory.mktemp("train")
+    generate_shapes(root / "coco", 64, 8, 32, seed=0)
+    write_random_clip(str(root / "clip"), seed=0, size="tiny")
+    run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(root / "shards"),
+                   tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=str(root / "clip"), image_size=32,
+                   max_objects=16, min_box_area=0.002, samples_per_shard=16, batch_size=64, num_workers=1,
+                   worker_rank=None, device="cpu", verify=False, progress=False))
+    torch.manual_seed(0)
+    sd = StructMAR(MODEL).state_dict()
+    # a stand-in for pretrained MAR weights: no zero-initialised backbone/head tensor left (a zero
+    # diffusion-head output layer would give the frozen-backbone stage exactly zero gradients)
+    for name, t in sd.items():
+        if not is_addition(name) and t.is_floating_point() and not t.any():
+            t.normal_(0, 0.02)
+    write_export(str(root / "init.safetensors"), sd, sd, MODEL)
+    # the shipped ZeRO-3 config keeps parameters under 1e5 elements whole (all of the tiny model's); partition
+    # every parameter here so the EMA shards and the universal checkpoint see real partitions
+    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (root / "ds_zero3.json").write_text(json.dumps(zero3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_loss(data) -> float:
+    return _eval_loss(read_weights(str(data / "init.safetensors")).model, data / "shards")
+
+
+def _spec(data: Path, out: Path, **kw) -> dict:
+    spec = dict(output_dir=str(out), data=str(data / "shards"), resume=str(data / "init.safetensors"), batch_size=2,
+                epochs=1, max_steps=8, warmup_epochs=0, lr=1e-3, device="cpu", precision="fp32",
+                deepspeed_config=str(data / "ds_zero3.json"), num_workers=0, log_every=1, ema_rate=0.9,
+                sample_every=0)
+    spec.update(kw)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def zero3_run(data):
+    """8 uninterrupted ZeRO-3 steps on 2 ranks, checking the sharded EMA against the reference recurrence."""
+    out = data / "zero3"
+    spec = _spec(data, out, save_steps=4, hooks=dict(ema_reference=str(data / "ema.json"),
+                                                     summary=str(data / "zero3_summary.json")))
+    proc = _drive(2, spec, data, "zero3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, spec
+
+
+@pytest.mark.slow
+def test_zero3_trains_with_ema_equal_to_reference(data, zero3_run, init_loss):
+    out, _ = zero3_run
+    summary = json.loads((data / "zero3_summary.json").read_text())
+    assert summary["step"] == 8 and len(summary["losses"]) == 8 and summary["nonfinite"] == 0
+    ema = json.loads((data / "ema.json").read_text())
+    assert ema["max_moved"] > 1e-4  # the EMA moved, and exactly as one process computes it
+    assert ema["max_diff"] <= 1e-6
+    final = read_weights(str(out / EXPORT))
+    assert (out / CHECKPOINTS / LATEST).read_text() == "step_00000008"
+    assert json.loads((out / CHECKPOINTS / "step_00000008" / TRAINER_STATE).read_text())["zero_stage"] == 3
+    assert final.config == MODEL
+    after = _eval_loss(final.model, data / "shards")
+    assert after < 0.9 * init_loss, (init_loss, after)
+
+
+@pytest.mark.slow
+def test_kill9_then_cli_resume_repeats_the_uninterrupted_losses(data, zero3_run):
+    reference = _log_losses(zero3_run[0])
+    out = data / "killed"
+    proc = _drive(2, _spec(data, out, save_steps=3, hooks=dict(kill_at=5)), data, "killed")
+    assert proc.returncode != 0  # rank 0 died by SIGKILL after step 5
+    assert (out / CHECKPOINTS / LATEST).read_text() == "step_00000003"
+    # the same command again, through the real CLI: it continues its own output_dir
+    proc = _launch(2, ["structmar", "train", "--output_dir", str(out), "--data", str(data / "shards"),
+                       "--resume", str(data / "init.safetensors"), "--batch_size", "2", "--epochs", "1",
+                       "--max_steps", "8", "--warmup_epochs", "0", "--lr", "1e-3", "--device", "cpu",
+                       "--precision", "fp32", "--deepspeed_config", str(data / "ds_zero3.json"),
+                       "--num_workers", "0", "--log_every", "1", "--ema_rate", "0.9", "--save_steps", "3",
+                       "--sample_every", "2"],  # sampling must leave the training RNG streams alone
+                   cwd=data, module=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "continuing" in proc.stdout
+    resumed = _log_losses(out)
+    for step in range(4, 9):
+        assert abs(resumed[step] - reference[step]) <= 1e-5, (step, resumed[step], reference[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [3, 2])
+def test_resume_two_ranks_on_one_plain_process(data, zero3_run, zero2_run, stage):
+    """DeepSpeed's universal checkpoint for the model and optimizer, the EMA reassembled by name."""
+    src, spec = zero3_run if stage == 3 else zero2_run[:2]
+    saved_step = 8 if stage == 3 else 6
+    out = data / f"one_rank_zero{stage}"
+    shutil.copytree(src, out)
+    summary = data / f"one_rank_zero{stage}_summary.json"
+    spec = dict(spec, output_dir=str(out), max_steps=saved_step + 1, sample_every=0, hooks=dict(summary=str(summary)))
+    proc = _drive(0, spec, data, f"one_rank_zero{stage}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "saved with 2 ranks, now 1" in proc.stdout
+    assert json.loads(summary.read_text())["step"] == saved_step + 1
+    before, after = read_weights(str(src / EXPORT)), read_weights(str(out / EXPORT))
+    # EMA shards reassembled by name: ema_9 = r * ema_8 + (1 - r) * w_9
+    for name, w in after.model.items():
+        expected = 0.9 * before.ema[name] + 0.1 * w
+        assert torch.allclose(after.ema[name], expected, atol=1e-6), name
+    # Adam moments came through: a fresh AdamW's first step moves every weight by ~lr
+    delta = torch.cat([(after.model[k] - before.model[k]).flatten() for k in before.model])
+    near_lr = ((delta.abs() - 1e-3).abs() < 5e-5).float().mean().item()
+    assert near_lr < 0.2, near_lr
+
+
+@pytest.fixture(scope="module")
+def zero2_run(data):
+    """ZeRO-2 on 2 ranks: a NaN loss on rank 1 at its 3rd forward, SIGTERM to rank 0 after step 6."""
+    out = data / "zero2"
+    spec = _spec(data, out, deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), max_steps=10, sample_every=3,
+                 hooks=dict(nan_at=[3], nan_ranks=[1], sigterm_at=6, summary=str(data / "zero2_summary.json"),
+                            ema_reference=str(data / "zero2_ema.json")))
+    proc = _drive(2, spec, data, "zero2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, spec, proc
+
+
+@pytest.mark.slow
+def test_zero2_skips_nonfinite_steps_and_saves_on_sigterm(data, zero2_run, init_loss):
+    out, _, proc = zero2_run
+    summary = json.loads((data / "zero2_summary.json").read_text())
+    assert summary["preempted"] and summary["step"] == 6 and summary["nonfinite"] == 1
+    assert all(v == v for v in summary["losses"])  # no NaN reached an applied step
+    assert "non-finite loss on some rank" in proc.stdout and "stop requested (SIGTERM)" in proc.stdout
+    assert (out / CHECKPOINTS / LATEST).read_text() == "step_00000006"
+    assert json.loads((out / CHECKPOINTS / "step_00000006" / TRAINER_STATE).read_text())["zero_stage"] == 2
+    ema = json.loads((data / "zero2_ema.json").read_text())  # each rank updates the fragments it owns
+    assert ema["max_moved"] > 1e-4 and ema["max_diff"] <= 1e-6
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Images("samples/ema")] == [3, 6]
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_s", "perf/tokens_per_s",
+            "perf/step_time_s", "perf/data_wait_share", "perf/memory_mb"} <= set(events.Tags()["scalars"])
+    after = _eval_loss(read_weights(str(out / EXPORT)).model, data / "shards")
+    assert after < 0.9 * init_loss, (init_loss, after)
+
+
+@pytest.mark.slow
+def test_text_layout_freezes_mar_weights_and_aborts_after_k_nonfinite(data):
+    out = data / "stage1"
+    spec = _spec(data, out, deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), train_mode="text_layout",
+                 save_steps=2, max_nonfinite=3, hooks=dict(nan_at=[5, 6, 7]))
+    proc = _drive(0, spec, data, "stage1")
+    assert proc.returncode != 0
+    assert "3 consecutive non-finite losses at step 4" in proc.stderr
+    init, export = read_weights(str(data / "init.safetensors")), read_weights(str(out / EXPORT))
+    frozen = [n for n in init.model if not is_addition(n)]
+    added = [n for n in init.model if is_addition(n)]
+    assert frozen and added
+    for name in frozen:  # bit-identical, in the model and in its EMA
+        assert torch.equal(export.model[name], init.model[name]), name
+        assert torch.equal(export.ema[name], init.model[name]), name
+    assert any(not torch.equal(export.model[n], init.model[n]) for n in added)
