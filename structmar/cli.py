@@ -226,6 +226,100 @@ def _add_eval(sub) -> None:
 
     p.set_defaults(func=run)
 
+def _add_rl(sub) -> None:
+    from structmar.config import DETECTOR_KINDS, PRECISIONS, PRESETS, SIGMA_MODES, RLConfig
+
+    d = RLConfig(resume="-")
+    p = sub.add_parser("rl", help="stage 3: GRPO with detector rewards (the training loop of stages 1-2)",
+                       description="Runs as one process, or under deepspeed / torchrun / srun (one process per GPU). "
+                                   "Each step: group_size rollouts per layout, detector reward, group-normalised "
+                                   "advantages, PPO-clipped loss on recomputed transitions + KL to a frozen reference.")
+    p.add_argument("--output_dir", default=d.output_dir, help="checkpoints, export and logs; rerunning continues it")
+    p.add_argument("--data", default=d.data, help="shard directory (default: <coco_root>/shards)")
+    p.add_argument("--coco_root", default=d.coco_root)
+    p.add_argument("--coco_split", default=d.coco_split, help="split name inside the shard directory")
+    p.add_argument("--model", default=d.model, choices=sorted(PRESETS),
+                   help="model preset (default: the --resume file's config)")
+    p.add_argument("--diffloss_d", type=int, default=d.diffloss_d, help="diffusion head depth (default: preset's)")
+    p.add_argument("--diffloss_w", type=int, default=d.diffloss_w, help="diffusion head width (default: preset's)")
+    p.add_argument("--resume", required=True,
+                   help="the stage-2 weights (export or run directory): the policy's start and the KL reference")
+    p.add_argument("--vae_path", default=d.vae_path, help="MAR's kl16.ckpt, to decode rollouts (kl16 models)")
+    p.add_argument("--sample_every", type=int, default=d.sample_every,
+                   help="steps between TensorBoard grids of EMA samples (0: off)")
+    p.add_argument("--detector", default=d.detector, choices=DETECTOR_KINDS,
+                   help="reward detector: torchvision Faster R-CNN state dict, transformers directory, or Shapes'")
+    p.add_argument("--detector_path", default=d.detector_path, help="the detector's weights (file or directory)")
+    p.add_argument("--detector_threshold", type=float, default=d.detector_threshold,
+                   help="detections under this score are ignored")
+    p.add_argument("--reward_iou", type=float, default=d.reward_iou, help="weight of the matched boxes' mean IoU")
+    p.add_argument("--reward_confidence", type=float, default=d.reward_confidence,
+                   help="weight of the matched detections' mean score")
+    p.add_argument("--reward_centroid", type=float, default=d.reward_centroid,
+                   help="penalty weight of the mean centroid distance (share of the diagonal)")
+    p.add_argument("--reward_missing", type=float, default=d.reward_missing, help="penalty weight of unmatched boxes")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="layouts per GPU (rank) and step")
+    p.add_argument("--group_size", type=int, default=d.group_size, help="rollouts per layout (advantage group)")
+    p.add_argument("--num_iter", type=int, default=d.num_iter, help="AR steps per rollout")
+    p.add_argument("--rl_step_ratio", type=float, default=d.rl_step_ratio,
+                   help="share of the AR steps whose transitions are recomputed with gradient")
+    p.add_argument("--diffusion_step_ratio", type=float, default=d.diffusion_step_ratio,
+                   help="share of each selected AR step's denoising steps recomputed")
+    p.add_argument("--rollout_steps", type=int, default=d.rollout_steps,
+                   help="diffusion steps per token in rollouts (default: the model's num_sampling_steps)")
+    p.add_argument("--rollout_cfg", type=float, default=d.rollout_cfg, help="classifier-free guidance in rollouts")
+    p.add_argument("--cfg_schedule", default=d.cfg_schedule, choices=("constant", "linear"))
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of rollouts")
+    p.add_argument("--clip_range", type=float, default=d.clip_range, help="PPO ratio clip: [1 - c, 1 + c]")
+    p.add_argument("--kl_coef", type=float, default=d.kl_coef, help="weight of the KL to the frozen reference")
+    p.add_argument("--min_sigma", type=float, default=d.min_sigma,
+                   help="denoising steps whose rollout sigma is below this are excluded (or floored, see "
+                        "--sigma_mode): the log-prob gradient scales as 1/sigma, so the last cosine steps would "
+                        "dominate it (30-50x the noisiest step's, measured on the tiny preset)")
+    p.add_argument("--sigma_mode", default=d.sigma_mode, choices=SIGMA_MODES,
+                   help="exclude: leave small-sigma steps out; floor: evaluate them with sigma = --min_sigma")
+    p.add_argument("--inner_steps", type=int, default=d.inner_steps, help="optimizer steps per rollout")
+    p.add_argument("--grad_accum", type=int, default=d.grad_accum,
+                   help="backward passes per optimizer step: each splits off a share of the selected AR steps, "
+                        "so only that share's graph is in memory at once")
+    p.add_argument("--anchor_coef", type=float, default=d.anchor_coef,
+                   help="weight of the supervised loss kept as an anchor (0: off)")
+    p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
+    p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
+                   help="where the frozen reference computes (it is stored on the CPU either way)")
+    p.add_argument("--lr", type=float, default=d.lr, help="absolute learning rate")
+    p.add_argument("--ema_rate", type=float, default=d.ema_rate)
+    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--deepspeed_config", default=d.deepspeed_config, help="ZeRO json (ds_configs/)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
+    p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num_workers", type=int, default=d.num_workers, help="data loader workers per rank")
+    p.add_argument("--save_last_freq", type=int, default=d.save_last_freq, help="epochs between checkpoints")
+    p.add_argument("--save_steps", type=int, default=d.save_steps, help="also checkpoint every N steps (0: off)")
+    p.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--log_dir", default=d.log_dir, help="TensorBoard directory (default: <output_dir>/tensorboard)")
+    p.add_argument("--log_every", type=int, default=d.log_every, help="steps between progress lines")
+    p.add_argument("--max_nonfinite", type=int, default=d.max_nonfinite,
+                   help="consecutive non-finite losses that abort the run")
+
+    def run(args):
+        import dataclasses
+
+        from structmar.grpo import run_rl
+
+        fields = {f.name for f in dataclasses.fields(RLConfig)}
+        cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        try:
+            run_rl(cfg)
+        except FloatingPointError as e:
+            raise UserError(str(e)) from None
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="structmar", description="StructMAR layout-to-image training system")
     # the deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is set from it)
@@ -236,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_rl(sub)
     return parser
 
 

@@ -1,0 +1,560 @@
+"""GRPO for the diffusion-head MAR (stage 3): group rollouts, rewards, advantages, the clipped objective.
+
+One GRPO step on a batch of layouts and captions:
+  1. rollout: each condition is repeated `group_size` times and sampled with trajectories recorded
+     (`sample.sample_latents(record=True)`), optionally on a shorter respaced diffusion schedule;
+  2. reward: the latents are decoded and scored through a reward function (images in [0, 1] and the
+     grouped batch -> rewards (N,) and named components), e.g. `layout_reward` over `structmar.reward`;
+  3. advantages: rewards normalised within each group; a group whose rewards are all equal gets 0;
+  4. update: a transition is one denoising step of one generated token, a Gaussian
+     N(x_{t-1}; mu_theta(x_t, t, z), sigma^2) with sigma as used at rollout (learned std x temperature).
+     At a random `rl_step_ratio` share of the AR steps, z is recomputed with gradient from the tokens the
+     backbone saw then (the final tokens outside that step's mask); at a `diffusion_step_ratio` share of
+     each chain's steps the head recomputes mu_theta. Each transition's ratio to its rollout density
+     enters PPO's clipped objective with its image's advantage; a closed-form KL to a frozen reference
+     (equal sigma: |mu_theta - mu_ref|^2 / 2 sigma^2) is added with weight `kl_coef`.
+
+The reference is a frozen copy of the stage's starting weights that lives on the CPU (`ReferencePolicy`);
+its means are computed once per rollout and reused by every update on that rollout.
+
+Small sigma: d log N / d mu = (x_{t-1} - mu) / sigma^2 = noise / sigma, so the last cosine steps (sigma down
+to a few 1e-3 at temperature 1, less at lower temperatures) dominate the gradient: on the tiny preset the
+smallest-sigma step's gradient per mean was 30-50x the noisiest step's (15x the median step's).
+Transitions whose rollout sigma (mean over the step) is below `min_sigma` are excluded (`sigma_mode=
+"exclude"`, the default) or evaluated with sigma floored at `min_sigma` (`sigma_mode="floor"`); the last
+step adds no noise and never counts. The policy runs in eval mode (no dropout), so an update's first
+recomputation reproduces the rollout's log-densities exactly (ratio 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from structmar.diffusion import DiffLoss, Schedule, gaussian_log_prob
+from structmar.model import StructMAR, patchify
+from structmar.sample import ARStep, sample_latents
+
+RewardFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+SIGMA_MODES = ("exclude", "floor")
+
+
+# ---- batches and groups ---------------------------------------------------------------------------
+
+
+def drop_empty_layouts(batch: dict) -> tuple[dict, int]:
+    """Remove rows without a real box (a layout reward needs one); returns (batch, rows removed)."""
+    keep = batch["box_mask"].bool().any(1)
+    dropped = int((~keep).sum())
+    if dropped == 0:
+        return batch, 0
+    return {k: v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == keep.shape[0] else v
+            for k, v in batch.items()}, dropped
+
+
+def repeat_groups(batch: dict, group_size: int) -> dict:
+    """Each row repeated `group_size` times, consecutively: row i of the result is condition i // group_size."""
+    return {k: v.repeat_interleave(group_size, 0) if torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in batch.items() if k != "latents"}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r - group mean) / group std for rewards (N,) in consecutive groups; 0 where a group's std <= eps."""
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    r = rewards.float().reshape(-1, group_size)  # (groups, G)
+    std = r.std(1, unbiased=False, keepdim=True)
+    adv = (r - r.mean(1, keepdim=True)) / std.clamp(min=eps)
+    return torch.where(std > eps, adv, torch.zeros_like(adv)).reshape(-1)
+
+
+def layouts_of(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (boxes normalised xyxy (K, 4), category ids (K,)) of each row's real boxes."""
+    out = []
+    for boxes, mask, cats in zip(batch["boxes"].float().cpu(), batch["box_mask"].bool().cpu(),
+                                 batch["category_ids"].cpu()):
+        out.append((boxes[mask].numpy(), cats[mask].numpy()))
+    return out
+
+
+def layout_reward(detector, weights) -> RewardFn:
+    """The detector reward of `structmar.reward` behind the reward-function interface."""
+    from structmar.reward import layout_rewards
+
+    def reward(images: torch.Tensor, batch: dict):
+        detections = detector(images)
+        return layout_rewards(detections, layouts_of(batch), tuple(images.shape[-2:]), weights)
+
+    return reward
+
+
+def colour_reward(colour: tuple[float, float, float], tolerance: float = 0.25) -> RewardFn:
+    """Share of pixels within `tolerance` (max channel difference) of an RGB colour in [0, 1]: a simple
+    reward to check that the machinery optimises anything at all before a detector reward."""
+    target = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def reward(images: torch.Tensor, batch: dict):
+        near = ((images.float().cpu() - target).abs().amax(1) <= tolerance).float().mean((1, 2))  # (N,)
+        return near, {"colour_share": near}
+
+    return reward
+
+
+# ---- the diffusion schedule of rollouts -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def rollout_schedule(head: DiffLoss, num_steps: int | None):
+    """Sample (and recompute) on the cosine schedule respaced to `num_steps` (None: the head's own)."""
+    if num_steps is None:
+        yield
+        return
+    saved = head.sample_schedule
+    head.sample_schedule = Schedule.cosine(num_steps)
+    try:
+        yield
+    finally:
+        head.sample_schedule = saved
+
+
+# ---- rollouts ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """Which transitions an update recomputes: per selected AR step, the chain indices s (ascending)."""
+
+    ar_steps: list[int]
+    chain_steps: list[torch.Tensor]  # per selected AR step: (S_sel,) long indices into its trace
+
+
+@dataclass
+class Rollout:
+    batch: dict  # the grouped conditions (N = conditions x group_size rows), on the policy's device
+    tokens: torch.Tensor  # (N, L, C) final tokens
+    steps: list[ARStep]
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1], on the CPU
+    rewards: torch.Tensor  # (N,)
+    components: dict[str, torch.Tensor]
+    advantages: torch.Tensor  # (N,)
+    cfg_scale: float
+    selection: Selection | None = None
+    old_log_probs: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k)
+    sigmas: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k, C)
+    ref_means: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k, C)
+    times: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, group_size: int, num_iter: int,
+            cfg: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
+            num_steps: int | None = None, generator: torch.Generator | None = None) -> Rollout:
+    """Sample `group_size` images per condition with trajectories, decode, score and normalise in groups."""
+    t0 = time.perf_counter()
+    grouped = repeat_groups(batch, group_size)
+    with rollout_schedule(model.diffloss, num_steps):
+        out = sample_latents(model, grouped, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                             temperature=temperature, generator=generator, record=True)
+    images = ((tokenizer.decode(out.latents.float()).float() + 1) / 2).clamp(0, 1).cpu()  # (N, 3, H, W)
+    t1 = time.perf_counter()
+    rewards, components = reward_fn(images, grouped)
+    rewards = rewards.float().cpu()
+    t2 = time.perf_counter()
+    dev = out.latents.device
+    grouped = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in grouped.items()}
+    return Rollout(grouped, patchify(out.latents), out.steps, images, rewards,
+                   {k: v.float().cpu() for k, v in components.items()}, group_advantages(rewards, group_size),
+                   cfg_scale=cfg, times=dict(rollout=t1 - t0, reward=t2 - t1))
+
+
+def eligible_chain_steps(step: ARStep, min_sigma: float, sigma_mode: str) -> torch.Tensor:
+    """Chain indices of one AR step that count: noise was added, and (exclude mode) sigma >= min_sigma."""
+    sigma = step.trace.std.float().mean((1, 2))  # (S,)
+    ok = sigma > 0
+    if sigma_mode == "exclude":
+        ok &= sigma >= min_sigma
+    return ok.nonzero().squeeze(1)
+
+
+def select_transitions(steps: list[ARStep], rl_step_ratio: float, diffusion_step_ratio: float, min_sigma: float,
+                       sigma_mode: str, generator: torch.Generator | None = None) -> Selection:
+    """A random `rl_step_ratio` share of the AR steps (at least one) and, in each, a random
+    `diffusion_step_ratio` share of its eligible chain steps (at least one)."""
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"sigma_mode {sigma_mode!r} is not one of {SIGMA_MODES}")
+    candidates = [k for k, st in enumerate(steps) if len(eligible_chain_steps(st, min_sigma, sigma_mode))]
+    if not candidates:
+        raise ValueError(f"no denoising step has sigma >= min_sigma={min_sigma}; lower --min_sigma")
+    n_ar = max(1, min(len(candidates), round(rl_step_ratio * len(steps))))
+    pick = torch.randperm(len(candidates), generator=generator)[:n_ar].sort().values
+    ar_steps = [candidates[i] for i in pick.tolist()]
+    chain_steps = []
+    for k in ar_steps:
+        ok = eligible_chain_steps(steps[k], min_sigma, sigma_mode)
+        n = max(1, min(len(ok), round(diffusion_step_ratio * len(ok))))
+        chain_steps.append(ok[torch.randperm(len(ok), generator=generator)[:n]].sort().values)
+    return Selection(ar_steps, chain_steps)
+
+
+def effective_sigma(std: torch.Tensor, min_sigma: float, sigma_mode: str) -> torch.Tensor:
+    return std.clamp(min=min_sigma) if sigma_mode == "floor" else std
+
+
+def prepare_update(ro: Rollout, selection: Selection, min_sigma: float, sigma_mode: str) -> None:
+    """Store the selection, the rollout sigma and the rollout log-density of every selected transition."""
+    ro.selection = selection
+    ro.old_log_probs, ro.sigmas = [], []
+    for k, chain in zip(selection.ar_steps, selection.chain_steps):
+        tr = ro.steps[k].trace
+        chain = chain.to(tr.std.device)
+        sigma = effective_sigma(tr.std[chain].float(), min_sigma, sigma_mode)  # (S_sel, n_k, C)
+        ro.sigmas.append(sigma)
+        ro.old_log_probs.append(gaussian_log_prob(tr.x_prev[chain].float(), tr.mean[chain].float(), sigma))
+
+
+def chunk_of(ro: Rollout, index: int, chunks: int) -> Rollout:
+    """The rollout restricted to every `chunks`-th selected AR step, starting at `index` (1 chunk: itself)."""
+    if chunks == 1:
+        return ro
+    keep = list(range(index, len(ro.selection.ar_steps), chunks))
+    if not keep:
+        raise ValueError(f"{len(ro.selection.ar_steps)} selected AR steps cannot fill {chunks} chunks "
+                         "(raise --rl_step_ratio or lower --grad_accum)")
+    pick = lambda items: [items[i] for i in keep]  # noqa: E731
+    return dataclasses.replace(ro, selection=Selection(pick(ro.selection.ar_steps), pick(ro.selection.chain_steps)),
+                               old_log_probs=pick(ro.old_log_probs), sigmas=pick(ro.sigmas),
+                               ref_means=pick(ro.ref_means))
+
+
+def recompute_means(model: StructMAR, ro: Rollout, num_steps: int | None) -> list[torch.Tensor]:
+    """mu_theta of every selected transition, (S_sel, n_k, C) per selected AR step, on the model's device.
+
+    Differentiable when grad is enabled: z comes from a backbone pass over the tokens the sampler's
+    backbone saw at that AR step, under the same guidance.
+    """
+    dev = model.fake_latent.device
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in ro.batch.items()}
+    tokens = ro.tokens.to(dev, model.fake_latent.dtype)
+    N = tokens.shape[0]
+    guided = ro.cfg_scale != 1.0
+    if guided:  # the sampler's layout: [conditional; unconditional] in one pass
+        drop = torch.cat([torch.zeros(N, dtype=torch.bool, device=dev), torch.ones(N, dtype=torch.bool, device=dev)])
+        cond = model.condition({k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}, drop)
+    else:
+        cond = model.condition(batch, None)
+    means = []
+    with rollout_schedule(model.diffloss, num_steps):
+        for k, chain in zip(ro.selection.ar_steps, ro.selection.chain_steps):
+            step = ro.steps[k]
+            mask = step.mask.to(dev)
+            seen = tokens.masked_fill(mask.unsqueeze(-1), 0)  # (N, L, C) what the backbone saw at step k
+            z = model.predict(torch.cat([seen, seen]) if guided else seen, torch.cat([mask, mask]) if guided else mask,
+                              cond)  # (N or 2N, L, W)
+            b, t = step.batch_index.to(dev), step.token_index.to(dev)
+            z_c, z_u = z[:N][b, t], (z[N:][b, t] if guided else None)  # (n_k, W)
+            tr = step.trace
+            chain_dev = chain.to(dev)
+            x_t = tr.x_t.to(dev)[chain_dev]  # (S_sel, n_k, C)
+            s, n, c = x_t.shape
+            t_index = tr.t_index.to(dev)[chain_dev].repeat_interleave(n)  # (S_sel * n_k,)
+            mean, _ = model.diffloss.step_mean(z_c.repeat(s, 1), x_t.reshape(s * n, c), t_index, step.cfg_scale,
+                                               z_u.repeat(s, 1) if guided else None)
+            means.append(mean.reshape(s, n, c))
+    return means
+
+
+# ---- the reference ----------------------------------------------------------------------------------
+
+
+class ReferencePolicy:
+    """A frozen copy of the stage's starting weights, kept on the CPU and never updated.
+
+    `device="cpu"` computes there; `device="cuda"` moves the copy to the GPU for one computation and
+    back to the CPU afterwards (faster, costs its memory for the duration of the call).
+    """
+
+    def __init__(self, model: StructMAR, device: str = "cpu"):
+        import copy
+
+        self.model = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = device
+
+    @classmethod
+    def from_state_dict(cls, model_cfg, state_dict: dict, device: str = "cpu") -> ReferencePolicy:
+        from structmar.model import load_weights
+
+        with torch.device("cpu"):
+            model = StructMAR(model_cfg)
+        report = load_weights(model, state_dict)
+        if report.missing:
+            raise ValueError(f"the reference weights lack {len(report.missing)} tensors, e.g. {report.missing[:3]}")
+        return cls(model, device)
+
+    @torch.no_grad()
+    def means(self, ro: Rollout, num_steps: int | None, like: torch.Tensor) -> list[torch.Tensor]:
+        """mu_ref of the rollout's selected transitions, returned on `like`'s device and dtype."""
+        if self.device != "cpu":
+            self.model.to(self.device)
+        try:
+            means = recompute_means(self.model, ro, num_steps)
+        finally:
+            if self.device != "cpu":
+                self.model.to("cpu")
+        return [m.to(like.device, torch.float32) for m in means]
+
+
+# ---- the objective ----------------------------------------------------------------------------------
+
+
+def gaussian_kl_equal_sigma(mean_p: torch.Tensor, mean_q: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, sigma^2) || N(mean_q, sigma^2)) summed over the last dim: |mean_p - mean_q|^2 / (2 sigma^2)."""
+    return ((mean_p - mean_q) ** 2 / (2 * sigma**2)).sum(-1)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_max_dev: torch.Tensor  # max |ratio - 1|
+    clip_fraction: torch.Tensor
+    num_transitions: int
+
+
+def clipped_loss(ro: Rollout, means: list[torch.Tensor], clip_range: float, kl_coef: float) -> LossParts:
+    """PPO's clipped objective over the selected transitions (each with its image's advantage) + kl_coef x KL.
+
+    Averaged over transitions; the KL term is the mean closed-form KL to the reference's means.
+    """
+    adv_all = ro.advantages.to(means[0].device)
+    surrogate, kls, ratios, clipped = [], [], [], []
+    sel = ro.selection
+    for k, chain, mean, old, sigma, ref in zip(sel.ar_steps, sel.chain_steps, means, ro.old_log_probs, ro.sigmas,
+                                               ro.ref_means, strict=True):
+        step = ro.steps[k]
+        x_prev = step.trace.x_prev.to(mean.device)[chain.to(mean.device)].float()  # (S_sel, n_k, C)
+        sigma = sigma.to(mean.device)
+        new = gaussian_log_prob(x_prev, mean, sigma)  # (S_sel, n_k)
+        ratio = torch.exp(new - old.to(mean.device))
+        adv = adv_all[step.batch_index.to(mean.device)].unsqueeze(0)  # (1, n_k): the image's advantage
+        unclipped = ratio * adv
+        clip = ratio.clamp(1 - clip_range, 1 + clip_range) * adv
+        surrogate.append(torch.minimum(unclipped, clip).reshape(-1))
+        kls.append(gaussian_kl_equal_sigma(mean, ref, sigma).reshape(-1))
+        ratios.append(ratio.detach().reshape(-1))
+        clipped.append(((ratio.detach() - 1).abs() > clip_range).float().reshape(-1))
+    surrogate_all, kl_all, ratio_all = torch.cat(surrogate), torch.cat(kls), torch.cat(ratios)
+    policy_loss = -surrogate_all.mean()
+    kl = kl_all.mean()
+    return LossParts(policy_loss + kl_coef * kl, policy_loss.detach(), kl.detach(), ratio_all.mean(),
+                     (ratio_all - 1).abs().max(), torch.cat(clipped).mean(), int(ratio_all.numel()))
+
+
+@dataclass
+class GRPOSettings:
+    """The knobs of one GRPO step (the RL config's, without the run's I/O)."""
+
+    group_size: int = 4
+    num_iter: int = 8
+    rl_step_ratio: float = 1.0
+    diffusion_step_ratio: float = 1.0
+    clip_range: float = 0.2
+    kl_coef: float = 0.02
+    rollout_cfg: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    rollout_steps: int | None = None
+    min_sigma: float = 0.02
+    sigma_mode: str = "exclude"
+    inner_steps: int = 1  # updates per rollout (the same selection and reference means)
+    # backward passes per update: the selected AR steps are split into this many chunks, one per call, so
+    # only one chunk's graph is alive at a time (the loop's gradient accumulation sums them)
+    ar_chunks: int = 1
+    # SDPA's math kernel for rollout and recomputation: its no-grad and with-grad results are bit-identical,
+    # while the fused CPU kernels differ by ~1e-6, which an untrained head's first steps amplify
+    math_attention: bool = True
+    anchor_coef: float = 0.0  # weight of the supervised model loss kept as an anchor (0: off)
+
+
+class GRPOObjective:
+    """rollout -> reward -> advantages -> clipped loss, as an objective of the training loop.
+
+    `loss(model, batch)` returns (loss, metrics) like `StructMAR.forward`. With `inner_steps` > 1, a
+    rollout serves that many consecutive calls (the batch of the later calls is ignored).
+    """
+
+    def __init__(self, settings: GRPOSettings, tokenizer, reward_fn: RewardFn, reference: ReferencePolicy,
+                 generator: torch.Generator | None = None):
+        self.s = settings
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.reference = reference
+        self.generator = generator
+        self.current: Rollout | None = None
+        self.uses = 0
+        self.dropped_rows = 0
+
+    def _kernels(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH) if self.s.math_attention else contextlib.nullcontext()
+
+    def new_rollout(self, model: StructMAR, batch: dict) -> Rollout:
+        s = self.s
+        batch, dropped = drop_empty_layouts(batch)
+        self.dropped_rows += dropped
+        if batch["box_mask"].shape[0] == 0:
+            raise ValueError("every layout of the batch has no box; the RL loader must drop those")
+        model.eval()  # no dropout: the update must see the rollout's policy exactly
+        with self._kernels():
+            ro = rollout(model, self.tokenizer, batch, self.reward_fn, group_size=s.group_size, num_iter=s.num_iter,
+                         cfg=s.rollout_cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
+                         num_steps=s.rollout_steps, generator=self.generator)
+        selection = select_transitions(ro.steps, s.rl_step_ratio, s.diffusion_step_ratio, s.min_sigma,
+                                       s.sigma_mode, generator=self.generator)
+        prepare_update(ro, selection, s.min_sigma, s.sigma_mode)
+        t0 = time.perf_counter()
+        with self._kernels():
+            ro.ref_means = self.reference.means(ro, s.rollout_steps, like=ro.tokens)
+        ro.times["reference"] = time.perf_counter() - t0
+        return ro
+
+    def loss(self, model: StructMAR, batch: dict) -> tuple[torch.Tensor, dict]:
+        s = self.s
+        if self.current is None or self.uses >= s.inner_steps * s.ar_chunks:
+            self.current, self.uses = self.new_rollout(model, batch), 0
+        ro = chunk_of(self.current, self.uses % s.ar_chunks, s.ar_chunks)
+        first_use = self.uses == 0
+        self.uses += 1
+        model.eval()
+        t0 = time.perf_counter()
+        with self._kernels():
+            means = recompute_means(model, ro, s.rollout_steps)
+        parts = clipped_loss(ro, means, s.clip_range, s.kl_coef)
+        loss = parts.loss
+        metrics = {
+            "reward_mean": ro.rewards.mean(), "reward_std": ro.rewards.std(unbiased=False),
+            "advantage_mean": ro.advantages.mean(), "advantage_std": ro.advantages.std(unbiased=False),
+            "advantage_abs_max": ro.advantages.abs().max(),
+            "zero_std_groups": (ro.advantages.reshape(-1, s.group_size).abs().sum(1) == 0).float().mean(),
+            "policy_loss": parts.policy_loss, "kl": parts.kl, "ratio_mean": parts.ratio_mean,
+            "ratio_max_dev": parts.ratio_max_dev, "clip_fraction": parts.clip_fraction,
+            "transitions": torch.tensor(float(parts.num_transitions)),
+        }
+        metrics.update({f"reward_{k}": v.mean() for k, v in ro.components.items()})
+        if s.anchor_coef > 0:
+            if "latents" not in batch:
+                raise ValueError("anchor_coef > 0 needs the batch's latents for the supervised loss")
+            anchor, _ = model(batch)
+            loss = loss + s.anchor_coef * anchor
+            metrics["anchor_loss"] = anchor.detach()
+        if first_use:  # time the rollout once per rollout; images/s over the rollout alone
+            metrics.update({"time_rollout_s": ro.times["rollout"], "time_reward_s": ro.times["reward"],
+                            "time_reference_s": ro.times["reference"],
+                            "rollout_images_per_s": ro.images.shape[0] / max(ro.times["rollout"], 1e-9)})
+        metrics["time_loss_forward_s"] = time.perf_counter() - t0
+        return loss, {k: torch.as_tensor(v, dtype=torch.float32).detach() for k, v in metrics.items()}
+
+
+
+# ---- stage 3 as an objective of the training loop ----------------------------------------------------
+
+
+def resolve_weights_path(resume: str) -> str:
+    """A weights file, or a run directory's stage export."""
+    import os
+
+    from structmar.train import EXPORT
+
+    if os.path.isdir(resume):
+        path = os.path.join(resume, EXPORT)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {resume} is a directory without {EXPORT} (not a structmar run?)")
+        return path
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume} does not exist")
+    return resume
+
+
+class GRPOStage:
+    """What the training loop needs from stage 3: which parameters train, and the objective.
+
+    Built before any process group or rollout, so a missing or wrong detector fails first. `prepare`
+    runs once the policy is built: it makes the tokenizer and the frozen CPU reference from the --resume
+    weights (also when the run continues a checkpoint: the reference is the stage's start, never updated).
+    """
+
+    name = "grpo"
+
+    def __init__(self, cfg, categories: dict[int, str] | None = None, reward_fn: RewardFn | None = None):
+        from structmar.reward import RewardWeights, load_detector
+
+        self.cfg = cfg.validate()
+        if reward_fn is None:
+            detector = load_detector(cfg.detector, cfg.detector_path, categories,
+                                     device="cuda" if cfg.device == "cuda" else "cpu",
+                                     score_threshold=cfg.detector_threshold)
+            weights = RewardWeights(cfg.reward_iou, cfg.reward_confidence, cfg.reward_centroid, cfg.reward_missing)
+            reward_fn = layout_reward(detector, weights)
+        self.reward_fn = reward_fn
+        self.objective: GRPOObjective | None = None
+
+    def settings(self) -> GRPOSettings:
+        c = self.cfg
+        return GRPOSettings(group_size=c.group_size, num_iter=c.num_iter, rl_step_ratio=c.rl_step_ratio,
+                            diffusion_step_ratio=c.diffusion_step_ratio, clip_range=c.clip_range, kl_coef=c.kl_coef,
+                            rollout_cfg=c.rollout_cfg, cfg_schedule=c.cfg_schedule, temperature=c.temperature,
+                            rollout_steps=c.rollout_steps, min_sigma=c.min_sigma, sigma_mode=c.sigma_mode,
+                            inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum)
+
+    def trainable(self, name: str) -> bool:
+        return self.cfg.train_head or not name.startswith("diffloss.")
+
+    def prepare(self, model_cfg, seed: int) -> None:
+        from structmar.model import read_weights
+        from structmar.tokenizer import build_tokenizer
+
+        c = self.cfg
+        tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=c.vae_path, pixel_patch=model_cfg.pixel_patch)
+        reference = ReferencePolicy.from_state_dict(model_cfg, read_weights(resolve_weights_path(c.resume)).model,
+                                                    device=c.ref_device)
+        self.objective = GRPOObjective(self.settings(), tokenizer.eval(), self.reward_fn, reference,
+                                       generator=None)  # rollouts draw from the loop's seeded torch RNG (seed)
+
+    def loss(self, model: StructMAR, batch: dict) -> tuple[torch.Tensor, dict]:
+        tokenizer = self.objective.tokenizer
+        if next(tokenizer.parameters(), None) is not None:
+            tokenizer.to(model.fake_latent.device)
+        loss, metrics = self.objective.loss(model, batch)
+        metrics["dropped_empty_layouts"] = torch.tensor(float(self.objective.dropped_rows))
+        return loss, metrics
+
+
+def build_stage(cfg) -> GRPOStage:
+    """Validate the RL config and load the reward detector (the dataset's categories from the shard
+    manifest), so a missing or wrong detector fails before any process group or rollout."""
+    from structmar.shards import read_manifest
+
+    cfg.validate()
+    resolve_weights_path(cfg.resume)
+    categories = None
+    if cfg.detector != "shapes":
+        manifest = read_manifest(cfg.shard_dir, cfg.coco_split)
+        categories = {int(k): v for k, v in manifest["categories"].items()}
+    return GRPOStage(cfg, categories)
+
+
+def run_rl(cfg):
+    """`structmar rl`: stage 3 through the one training loop, with GRPO as its objective."""
+    from structmar.train import train
+
+    return train(cfg, objective=build_stage(cfg))
