@@ -76,12 +76,10 @@ def _add_build_shards(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _add_train(sub) -> None:
-    from structmar.config import LR_SCHEDULES, PRECISIONS, PRESETS, TRAIN_MODES, TrainConfig
+def _add_stage_flags(p, d) -> None:
+    """The flags stages 1-3 share: data, model, run directory, and the engine's and checkpoints' knobs."""
+    from structmar.config import PRECISIONS, PRESETS
 
-    d = TrainConfig()
-    p = sub.add_parser("train", help="supervised stages 1-2 (text_layout / full) under DeepSpeed",
-                       description="Runs as one process, or under deepspeed / torchrun / srun (one process per GPU).")
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints, export and logs; rerunning continues it")
     p.add_argument("--data", default=d.data, help="shard directory (default: <coco_root>/shards/<coco_split>)")
     p.add_argument("--coco_root", default=d.coco_root)
@@ -90,21 +88,9 @@ def _add_train(sub) -> None:
                    help="model preset (default: the --resume file's config)")
     p.add_argument("--diffloss_d", type=int, default=d.diffloss_d, help="diffusion head depth (default: preset's)")
     p.add_argument("--diffloss_w", type=int, default=d.diffloss_w, help="diffusion head width (default: preset's)")
-    p.add_argument("--resume", default=d.resume,
-                   help="MAR weights (.pth/.safetensors), a stage export, or a run directory")
-    p.add_argument("--train_mode", default=d.train_mode, choices=TRAIN_MODES,
-                   help="text_layout: train only structmar's new modules; full: everything")
-    p.add_argument("--batch_size", type=int, default=d.batch_size, help="per GPU (rank)")
-    p.add_argument("--grad_accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
-    p.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--blr", type=float, default=d.blr, help="base lr: lr = blr x global batch / 256")
-    p.add_argument("--lr", type=float, default=d.lr, help="absolute lr (overrides --blr)")
-    p.add_argument("--min_lr", type=float, default=d.min_lr, help="floor of the cosine schedule")
-    p.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
     p.add_argument("--ema_rate", type=float, default=d.ema_rate)
-    p.add_argument("--label_drop_prob", type=float, default=d.label_drop_prob, help="condition dropout for CFG")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--deepspeed_config", default=d.deepspeed_config, help="ZeRO json (ds_configs/)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
@@ -118,23 +104,49 @@ def _add_train(sub) -> None:
     p.add_argument("--log_every", type=int, default=d.log_every, help="steps between progress lines")
     p.add_argument("--sample_every", type=int, default=d.sample_every,
                    help="steps between TensorBoard grids of EMA samples (0: off)")
-    p.add_argument("--vae_path", default=d.vae_path, help="kl16 checkpoint to decode those samples")
     p.add_argument("--max_nonfinite", type=int, default=d.max_nonfinite,
                    help="consecutive non-finite losses that abort the run")
 
+
+def _stage_runner(config_cls, entry: str):
+    """A handler building `config_cls` from the parsed flags and calling structmar.<entry>."""
+
     def run(args):
         import dataclasses
+        import importlib
 
-        from structmar.train import train
-
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        module, name = entry.rsplit(".", 1)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
         try:
-            train(cfg)
+            getattr(importlib.import_module(module), name)(cfg)
         except FloatingPointError as e:
             raise UserError(str(e)) from None
 
-    p.set_defaults(func=run)
+    return run
+
+
+def _add_train(sub) -> None:
+    from structmar.config import LR_SCHEDULES, TRAIN_MODES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="supervised stages 1-2 (text_layout / full) under DeepSpeed",
+                       description="Runs as one process, or under deepspeed / torchrun / srun (one process per GPU).")
+    _add_stage_flags(p, d)
+    p.add_argument("--resume", default=d.resume,
+                   help="MAR weights (.pth/.safetensors), a stage export, or a run directory")
+    p.add_argument("--train_mode", default=d.train_mode, choices=TRAIN_MODES,
+                   help="text_layout: train only structmar's new modules; full: everything")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="per GPU (rank)")
+    p.add_argument("--grad_accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
+    p.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--blr", type=float, default=d.blr, help="base lr: lr = blr x global batch / 256")
+    p.add_argument("--lr", type=float, default=d.lr, help="absolute lr (overrides --blr)")
+    p.add_argument("--min_lr", type=float, default=d.min_lr, help="floor of the cosine schedule")
+    p.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
+    p.add_argument("--label_drop_prob", type=float, default=d.label_drop_prob, help="condition dropout for CFG")
+    p.add_argument("--vae_path", default=d.vae_path, help="kl16 checkpoint to decode the --sample_every samples")
+    p.set_defaults(func=_stage_runner(TrainConfig, "structmar.train.train"))
 
 
 def _add_sample(sub) -> None:
@@ -227,26 +239,17 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run)
 
 def _add_rl(sub) -> None:
-    from structmar.config import DETECTOR_KINDS, PRECISIONS, PRESETS, SIGMA_MODES, RLConfig
+    from structmar.config import DETECTOR_KINDS, SIGMA_MODES, RLConfig
 
     d = RLConfig(resume="-")
     p = sub.add_parser("rl", help="stage 3: GRPO with detector rewards (the training loop of stages 1-2)",
                        description="Runs as one process, or under deepspeed / torchrun / srun (one process per GPU). "
                                    "Each step: group_size rollouts per layout, detector reward, group-normalised "
                                    "advantages, PPO-clipped loss on recomputed transitions + KL to a frozen reference.")
-    p.add_argument("--output_dir", default=d.output_dir, help="checkpoints, export and logs; rerunning continues it")
-    p.add_argument("--data", default=d.data, help="shard directory (default: <coco_root>/shards)")
-    p.add_argument("--coco_root", default=d.coco_root)
-    p.add_argument("--coco_split", default=d.coco_split, help="split name inside the shard directory")
-    p.add_argument("--model", default=d.model, choices=sorted(PRESETS),
-                   help="model preset (default: the --resume file's config)")
-    p.add_argument("--diffloss_d", type=int, default=d.diffloss_d, help="diffusion head depth (default: preset's)")
-    p.add_argument("--diffloss_w", type=int, default=d.diffloss_w, help="diffusion head width (default: preset's)")
+    _add_stage_flags(p, d)
     p.add_argument("--resume", required=True,
                    help="the stage-2 weights (export or run directory): the policy's start and the KL reference")
     p.add_argument("--vae_path", default=d.vae_path, help="MAR's kl16.ckpt, to decode rollouts (kl16 models)")
-    p.add_argument("--sample_every", type=int, default=d.sample_every,
-                   help="steps between TensorBoard grids of EMA samples (0: off)")
     p.add_argument("--detector", default=d.detector, choices=DETECTOR_KINDS,
                    help="reward detector: torchvision Faster R-CNN state dict, transformers directory, or Shapes'")
     p.add_argument("--detector_path", default=d.detector_path, help="the detector's weights (file or directory)")
@@ -258,8 +261,6 @@ def _add_rl(sub) -> None:
     p.add_argument("--reward_centroid", type=float, default=d.reward_centroid,
                    help="penalty weight of the mean centroid distance (share of the diagonal)")
     p.add_argument("--reward_missing", type=float, default=d.reward_missing, help="penalty weight of unmatched boxes")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="layouts per GPU (rank) and step")
     p.add_argument("--group_size", type=int, default=d.group_size, help="rollouts per layout (advantage group)")
     p.add_argument("--num_iter", type=int, default=d.num_iter, help="AR steps per rollout")
@@ -290,32 +291,28 @@ def _add_rl(sub) -> None:
     p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
                    help="where the frozen reference computes (it is stored on the CPU either way)")
     p.add_argument("--lr", type=float, default=d.lr, help="absolute learning rate")
-    p.add_argument("--ema_rate", type=float, default=d.ema_rate)
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--deepspeed_config", default=d.deepspeed_config, help="ZeRO json (ds_configs/)")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
-    p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num_workers", type=int, default=d.num_workers, help="data loader workers per rank")
-    p.add_argument("--save_last_freq", type=int, default=d.save_last_freq, help="epochs between checkpoints")
-    p.add_argument("--save_steps", type=int, default=d.save_steps, help="also checkpoint every N steps (0: off)")
-    p.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints)
-    p.add_argument("--log_dir", default=d.log_dir, help="TensorBoard directory (default: <output_dir>/tensorboard)")
-    p.add_argument("--log_every", type=int, default=d.log_every, help="steps between progress lines")
-    p.add_argument("--max_nonfinite", type=int, default=d.max_nonfinite,
-                   help="consecutive non-finite losses that abort the run")
+
+    p.set_defaults(func=_stage_runner(RLConfig, "structmar.grpo.run_rl"))
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded default: Shapes -> shards -> MAR -> stages 1, 2, GRPO -> eval")
+    p.add_argument("--out", default="output/demo", help="demo directory (a rerun continues what is there)")
+    p.add_argument("--clip_path", default=None,
+                   help="a real CLIP directory; default: a seeded random-init ViT-B/32 text model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_train", type=_positive_int, default=None, help="Shapes training images")
+    p.add_argument("--eval_layouts", type=_positive_int, default=None, help="val layouts per evaluation")
 
     def run(args):
         import dataclasses
 
-        from structmar.grpo import run_rl
+        from structmar.demo import DemoConfig, run_demo
 
-        fields = {f.name for f in dataclasses.fields(RLConfig)}
-        cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        try:
-            run_rl(cfg)
-        except FloatingPointError as e:
-            raise UserError(str(e)) from None
+        demo = DemoConfig(out=args.out, clip_path=args.clip_path, seed=args.seed)
+        overrides = {k: getattr(args, k) for k in ("num_train", "eval_layouts") if getattr(args, k) is not None}
+        report = run_demo(dataclasses.replace(demo, **overrides))
+        print(f"structmar demo: report written to {report}")
 
     p.set_defaults(func=run)
 
@@ -326,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_shapes(sub)
+    _add_demo(sub)
     _add_build_shards(sub)
     _add_train(sub)
     _add_sample(sub)

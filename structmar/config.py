@@ -47,6 +47,7 @@ class ModelConfig:
     diffusion_width: int = 128
     diffusion_batch_mul: int = 4
     num_sampling_steps: int = 100
+    clip_denoised: bool = True  # sampling clamps the predicted x_0 to the tokenizer's data range, where known
 
     # StructMAR additions (all off = numerically MAR)
     rope: bool = True
@@ -74,6 +75,12 @@ class ModelConfig:
     @property
     def token_channels(self) -> int:
         return 16 if self.tokenizer == "kl16" else 3 * self.pixel_patch**2
+
+    @property
+    def data_range(self) -> float | None:
+        """Bound of the token values: pixel tokens lie in [-1, 1]; kl16 latents have no fixed range (and MAR
+        samples them unclipped)."""
+        return 1.0 if self.tokenizer == "pixel" else None
 
     @property
     def grid_size(self) -> int:

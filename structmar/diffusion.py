@@ -137,11 +137,14 @@ def split_output(schedule: Schedule, out: torch.Tensor, x_t: torch.Tensor, t: to
     return eps, frac * max_log + (1 - frac) * min_log
 
 
-def posterior_mean_from_eps(schedule: Schedule, x_t, t, eps):
-    """Mean of p(x_{t-1} | x_t) from a noise prediction (through the implied x_0, no clipping)."""
+def posterior_mean_from_eps(schedule: Schedule, x_t, t, eps, clip: float | None = None):
+    """Mean of p(x_{t-1} | x_t) from a noise prediction, through the implied x_0 (clamped to [-clip, clip]
+    when the data range is known)."""
     x0 = schedule.at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - schedule.at(
         schedule.sqrt_recipm1_alphas_cumprod, t, x_t
     ) * eps
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
     mean = (schedule.at(schedule.posterior_mean_coef1, t, x_t) * x0
             + schedule.at(schedule.posterior_mean_coef2, t, x_t) * x_t)
     return mean, x0
@@ -268,9 +271,14 @@ class DiffLoss(nn.Module):
     """The per-token diffusion head: `forward` is the training loss, `sample` the reverse chain."""
 
     def __init__(self, token_channels: int, z_channels: int, depth: int, width: int, num_sampling_steps: int,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, clip_denoised: float | None = None):
         super().__init__()
         self.token_channels = token_channels
+        # Sampling clamps the implied x_0 to the data range where it is known. The cosine schedule's first
+        # reverse step multiplies any noise-prediction error by sqrt(alpha_bar_next / alpha_bar_T) (~1e3 with
+        # 25 steps): a fully trained head (MAR's) predicts that noise almost exactly; a briefly trained one
+        # saturates its samples without the clamp. Training is unaffected.
+        self.clip_denoised = clip_denoised
         self.net = AdaLNMLP(token_channels, width, z_channels, depth, grad_checkpointing)
         self.train_schedule = Schedule.cosine()
         self.sample_schedule = Schedule.cosine(num_sampling_steps)
@@ -321,7 +329,7 @@ class DiffLoss(nn.Module):
         else:
             out = self.net(x_t, timestep, z).float()
         eps, log_var = split_output(s, out, x_t, t)
-        mean, _ = posterior_mean_from_eps(s, x_t, t, eps)
+        mean, _ = posterior_mean_from_eps(s, x_t, t, eps, self.clip_denoised)
         return mean, torch.exp(0.5 * log_var)
 
     @torch.no_grad()

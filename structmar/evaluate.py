@@ -382,11 +382,24 @@ def _ratio_se(numerators, denominators) -> float | None:
     return float(math.sqrt(n / (n - 1) * np.square(residual).sum()) / total)
 
 
-def layout_scores(detections, layouts, image_size: tuple[int, int], categories: dict[int, str]) -> dict:
-    """reward.layout_metrics plus standard errors over images and the mean GRPO-style reward."""
+def layout_scores(detections, layouts, image_size: tuple[int, int], categories: dict[int, str],
+                  bootstrap: int = 0) -> dict:
+    """reward.layout_metrics plus standard errors over images and the mean GRPO-style reward.
+
+    AP is not a mean over images, so its standard errors (`ap_se`, `ap50_se`) come from `bootstrap`
+    resamples of the images (seeded, so a rerun reports the same figures); 0 leaves them out.
+    """
     from structmar.reward import RewardWeights, layout_metrics, layout_rewards, match_layout
 
     result = layout_metrics(detections, layouts, image_size, categories)
+    if bootstrap:
+        rng = np.random.default_rng(0)
+        draws = []
+        for _ in range(bootstrap):
+            idx = rng.integers(0, len(layouts), len(layouts))
+            m = layout_metrics([detections[i] for i in idx], [layouts[i] for i in idx], image_size, categories)
+            draws.append((m["ap"], m["ap50"]))
+        result["ap_se"], result["ap50_se"] = (float(v) for v in np.std(np.array(draws), axis=0, ddof=1))
     counts, successes, matched, iou_sums, dist_sums = [], [], [], [], []
     for det, (boxes, labels) in zip(detections, layouts):
         m = match_layout(det, boxes, labels, image_size)
@@ -548,7 +561,8 @@ def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_se
     layout = {}
     for kind in detectors:
         layout[kind] = dict(
-            generated=layout_scores(merged[f"{kind}_generated"], targets, size, coco.categories),
+            generated=layout_scores(merged[f"{kind}_generated"], targets, size, coco.categories,
+                                    bootstrap=AP_BOOTSTRAP),
             real=layout_scores(merged[f"{kind}_real"], targets, size, coco.categories),
             mismatched=layout_scores(merged[f"{kind}_real"], mismatched, size, coco.categories),
         )
@@ -594,6 +608,7 @@ def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_se
 
 
 POSITION_METRICS = ("ap50", "success_rate", "reward")
+AP_BOOTSTRAP = 20  # resamples behind the generated images' AP standard errors
 
 
 def _position(block: dict) -> dict:
@@ -642,7 +657,7 @@ def results_markdown(results: dict) -> str:
         f"{results['seconds_per_image']:.3f} s per generated image.",
         "",
     ]
-    rows = (("AP", "ap", None), ("AP50", "ap50", None), ("AP75", "ap75", None),
+    rows = (("AP", "ap", "ap_se"), ("AP50", "ap50", "ap50_se"), ("AP75", "ap75", None),
             ("success rate (IoU >= 0.5)", "success_rate", "success_rate_se"),
             ("mean IoU (matched)", "mean_iou", "mean_iou_se"),
             ("centroid distance (matched)", "centroid_distance", "centroid_distance_se"),

@@ -101,11 +101,28 @@ def _offline_vocab() -> dict[str, int]:
     return vocab
 
 
-def write_random_clip(path: str, seed: int = 0, size: str = "tiny") -> str:
+def _word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges that build each word left to right (its last symbol carries the end-of-word suffix)."""
+    merges, seen = [], set()
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            if (current, symbol) not in seen:
+                seen.add((current, symbol))
+                merges.append((current, symbol))
+            current += symbol
+    return merges
+
+
+def write_random_clip(path: str, seed: int = 0, size: str = "tiny", words=()) -> str:
     """Write a random-init CLIP text model and an offline-built CLIPTokenizer into `path` (save_pretrained).
 
     "tiny" (32 wide, 2 layers) is for tests; "base" is ViT-B/32's text transformer (512 wide, 12
-    layers), which the demo uses as a fixed random feature extractor. Returns `path`.
+    layers), which the demo uses as a fixed random feature extractor. Without merges the tokenizer
+    spells every word symbol by symbol; `words` (e.g. a dataset's caption vocabulary) get BPE merges
+    that make each of them about one token, as CLIP's own vocabulary does for common words, which keeps
+    sequences (and the 12-layer encoder's cost) at real-CLIP lengths. Returns `path`.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -113,12 +130,14 @@ def write_random_clip(path: str, seed: int = 0, size: str = "tiny") -> str:
         raise ValueError(f"unknown CLIP size {size!r}; known: {', '.join(_SIZES)}")
     os.makedirs(path, exist_ok=True)
     vocab = _offline_vocab()
-    # A merges file holding only the version header: words tokenize symbol by symbol.
+    merges = _word_merges(w for w in words if len(w) > 1)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
     config = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=CLIP_MAX_LENGTH,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, **_SIZES[size])

@@ -81,3 +81,26 @@ def test_gaussian_log_prob_matches_torch():
     x, m, s = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5, 3) + 0.1
     ref = torch.distributions.Normal(m, s).log_prob(x).sum(-1)
     assert torch.allclose(gaussian_log_prob(x, m, s), ref, atol=1e-5)
+
+
+def test_sampling_clamps_denoised_tokens_to_the_data_range():
+    from structmar.config import model_config
+    from structmar.model import StructMAR
+
+    torch.manual_seed(0)
+    head = DiffLoss(token_channels=8, z_channels=16, depth=2, width=32, num_sampling_steps=25)
+    for p in head.net.parameters():  # an untrained head: its noise prediction is off at t = T
+        torch.nn.init.normal_(p, std=0.3)
+    z, x_t = torch.randn(64, 16), torch.randn(64, 8)
+    first = head.sample_schedule.num_steps - 1
+    raw, _ = head.step_mean(z, x_t, first)
+    head.clip_denoised = 1.0
+    clamped, _ = head.step_mean(z, x_t, first)
+    s = head.sample_schedule
+    c1, c2 = (float(s.posterior_mean_coef1[first]), float(s.posterior_mean_coef2[first]))
+    assert raw.abs().max() > 20  # the cosine schedule's first step amplifies the error ~1e3x
+    assert clamped.abs().max() <= c1 + c2 * x_t.abs().max() + 1e-5
+    assert StructMAR(model_config("tiny")).diffloss.clip_denoised == 1.0  # pixel tokens lie in [-1, 1]
+    kl16 = model_config("tiny", tokenizer="kl16", image_size=64)
+    assert kl16.data_range is None  # kl16 latents are sampled unclipped, as MAR does
+    assert StructMAR(model_config("tiny", clip_denoised=False)).diffloss.clip_denoised is None

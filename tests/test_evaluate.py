@@ -213,7 +213,8 @@ def test_eval_reports_model_between_ceiling_and_chance(shapes_eval, single_proce
     md = (out / "results.md").read_text()
     assert "| AP50 |" in md and "real images (ceiling)" in md and "± is one standard error" in md
     assert "between chance (0) and the real-image ceiling (1): ap50" in md
-    assert f"| AP50 | {results['layout']['eval']['generated']['ap50']:.3f} |" in md
+    generated = results["layout"]["eval"]["generated"]
+    assert f"| AP50 | {generated['ap50']:.3f} ± {generated['ap50_se']:.3f} |" in md
 
 
 def test_eval_split_over_ranks_matches_one_process(shapes_eval, single_process, monkeypatch):
@@ -249,3 +250,25 @@ def test_eval_errors(shapes_eval, tmp_path, capsys):
     torch.save({"fingerprint": "another run"}, tmp_path / "d" / "parts" / "rank0001-of-0002.pt")
     with pytest.raises(TimeoutError, match="rank 1's results .* did not appear within 1 s"):
         run_eval(opts, rank=0, world_size=2)
+
+
+def test_ap_bootstrap_standard_error():
+    from structmar.evaluate import layout_scores
+    from structmar.reward import shapes_categories
+
+    rng = np.random.default_rng(0)
+    layouts, perfect, noisy = [], [], []
+    for _ in range(24):
+        xy = rng.uniform(0, 0.5, (2, 2))
+        boxes, labels = np.concatenate([xy, xy + 0.4], 1), rng.integers(1, 13, 2)
+        layouts.append((boxes, labels))
+        px = torch.tensor(boxes * 64, dtype=torch.float32)
+        perfect.append(dict(boxes=px, labels=torch.tensor(labels), scores=torch.ones(2)))
+        shift = torch.tensor(rng.choice([0.0, 20.0], size=(2, 1)), dtype=torch.float32)  # half the boxes miss
+        noisy.append(dict(boxes=px + shift, labels=torch.tensor(labels), scores=torch.rand(2)))
+    exact = layout_scores(perfect, layouts, (64, 64), shapes_categories(), bootstrap=10)
+    assert exact["ap50"] == pytest.approx(1.0) and exact["ap50_se"] == pytest.approx(0.0)
+    mixed = layout_scores(noisy, layouts, (64, 64), shapes_categories(), bootstrap=10)
+    assert 0.0 < mixed["ap50"] < 1.0 and mixed["ap50_se"] > 0.01
+    assert mixed == layout_scores(noisy, layouts, (64, 64), shapes_categories(), bootstrap=10)  # seeded
+    assert "ap50_se" not in layout_scores(noisy, layouts, (64, 64), shapes_categories())

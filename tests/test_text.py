@@ -62,3 +62,20 @@ def test_missing_directory_says_how_to_get_it(tmp_path):
 def test_unknown_size(tmp_path):
     with pytest.raises(ValueError, match="unknown CLIP size"):
         write_random_clip(str(tmp_path / "c"), size="huge")
+
+
+def test_word_merges_make_known_words_single_tokens(tmp_path):
+    from transformers import CLIPTokenizer
+
+    write_random_clip(str(tmp_path / "plain"), seed=0, size="tiny")
+    write_random_clip(str(tmp_path / "words"), seed=0, size="tiny", words={"circle", "red", "triangle", "reed"})
+    plain = CLIPTokenizer.from_pretrained(str(tmp_path / "plain"), local_files_only=True)
+    words = CLIPTokenizer.from_pretrained(str(tmp_path / "words"), local_files_only=True)
+    caption = "a red circle above a triangle"
+    assert words.tokenize(caption) == ["a</w>", "red</w>", "circle</w>", *plain.tokenize("above"), "a</w>",
+                                       "triangle</w>"]
+    assert len(plain.tokenize(caption)) == len(caption.replace(" ", ""))  # symbol by symbol
+    assert "".join(words.tokenize("a purple hexagon")).replace("</w>", "") == "apurplehexagon"  # still spelled
+    encoder = TextEncoder.from_pretrained(str(tmp_path / "words"))
+    tokens, mask, pooled = encoder.encode([caption])
+    assert mask.sum() == 6 + 2 + len(plain.tokenize("above")) - 1  # start and end tokens around the words

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Sets up the environment if needed, then runs the embedded default on CPU: the Shapes dataset
-# (COCO 2014 layout) under output/demo (override with $1).
+# Sets up the environment if needed, then runs the embedded default on CPU (~10 minutes on 2 cores):
+# Shapes -> shards -> plain MAR in MAR's checkpoint format -> stage 1 -> stage 2 -> GRPO, an evaluation
+# after each stage, and output/demo/report.md (override the directory with $1). A rerun continues.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-out="${1:-output/demo}"
-structmar shapes --out "$out/shapes" --num_train 2000 --num_val 256 --image_size 32 --seed 0 --overwrite
-echo "structmar: Shapes written to $out/shapes (COCO 2014 layout)"
+structmar demo --out "${1:-output/demo}"
