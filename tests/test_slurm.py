@@ -85,3 +85,93 @@ def test_standins_record_and_fan_out(tmp_path):
     assert (tmp_path / "task-0.log").read_text() == "rank=0/2\n"
     assert (tmp_path / "task-1.log").read_text() == "rank=1/2\n"
     assert calls.read_text().startswith("srun --output")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """Shapes -> pixel shards with a tiny random CLIP, and a tiny StructMAR export to start from."""
+    import torch
+
+    from structmar.config import model_config
+    from structmar.model import StructMAR, write_export
+    from structmar.shapes import generate_shapes
+    from structmar.shards import run_build
+    from structmar.text import write_random_clip
+
+    root = tmp_path_factory.mktemp("slurm")
+    generate_shapes(root / "coco", 64, 4, 32, seed=0)
+    write_random_clip(str(root / "clip"), seed=0, size="tiny")
+    run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(root / "shards"),
+                   tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=str(root / "clip"), image_size=32,
+                   max_objects=16, min_box_area=0.002, samples_per_shard=16, batch_size=64, num_workers=1,
+                   worker_rank=None, device="cpu", verify=False, progress=False))
+    cfg = model_config("tiny", text_dim=32)
+    torch.manual_seed(0)
+    sd = StructMAR(cfg).state_dict()
+    write_export(str(root / "init.safetensors"), sd, sd, cfg)
+    return root
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_train_sbatch_checkpoints_requeues_and_resumes(tmp_path, tiny_run_inputs):
+    import json
+    import os
+    import signal
+    import sys
+
+    from structmar.engine import latest_checkpoint
+
+    data, out, calls = tiny_run_inputs, tmp_path / "run", tmp_path / "calls"
+    bin_dir = write_standins(tmp_path / "bin")
+    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               SLURM_FAKE_CALLS=str(calls), SLURM_JOB_ID="4242", SLURM_JOB_NAME="structmar-train", SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(_free_port()),
+               OMP_NUM_THREADS="1", OUTPUT_DIR=str(out), STAGE="full",
+               RESUME=str(data / "init.safetensors"), DS_CONFIG=str(REPO / "ds_configs" / "zero2.json"),
+               STRUCTMAR=f"{sys.executable} -m structmar")
+    flags = ["--data", str(data / "shards"), "--device", "cpu", "--precision", "fp32", "--batch_size", "2",
+             "--epochs", "1000", "--max_steps", "60", "--warmup_epochs", "0", "--lr", "1e-3", "--num_workers", "0",
+             "--log_every", "1", "--sample_every", "0", "--save_last_freq", "1000"]
+    job = subprocess.Popen(["bash", str(REPO / "slurm" / "train.sbatch"), *flags], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rank0 = out / "logs" / "structmar-train-4242-rank0.log"
+    _wait_for(lambda: rank0.is_file() and " step 3/60 " in rank0.read_text(), 240, "step 3 in the rank-0 log")
+    job.send_signal(signal.SIGUSR1)  # what sbatch --signal=B:USR1@120 sends to the batch shell
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output + rank0.read_text()[-3000:]
+    recorded = calls.read_text().splitlines()
+    assert "srun forwards USR1" in recorded and "scontrol requeue 4242" in recorded, recorded
+    tag, state = latest_checkpoint(str(out))
+    saved = state["step"]
+    assert 3 <= saved < 60 and "stop requested" in rank0.read_text()
+
+    # the requeued job: the same command again continues from the output directory to the end
+    env["MASTER_PORT"] = str(_free_port())
+    rerun = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), *flags], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr + rank0.read_text()[-3000:]
+    log = rank0.read_text()
+    assert f"continuing {out} from {tag} (step {saved}" in log
+    assert latest_checkpoint(str(out))[1]["step"] == 60
+    assert calls.read_text().splitlines().count("scontrol requeue 4242") == 1  # no signal, no requeue
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 60 and saved + 1 in steps
