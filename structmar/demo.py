@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from structmar import atomic
 from structmar.config import RLConfig, TrainConfig, model_config
 from structmar.model import EXPORT, StructMAR, read_weights, write_export
 
@@ -90,9 +91,7 @@ def write_mar_checkpoint(export: str, path: str, epoch: int) -> None:
                               num_sampling_steps=str(cfg.num_sampling_steps), class_num=1)
     state = dict(model={**weights.model, **extra}, model_ema={**weights.select(ema=True), **extra}, epoch=epoch,
                  args=args)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic.torch_save(state, path)
 
 
 def _caption_words(shapes_root: str) -> set[str]:
@@ -245,9 +244,7 @@ def write_report(demo: DemoConfig, results: dict, timings: dict, random_clip: bo
     for name in results:
         lines.append(f"- {name}: ![{name}](eval/{name}/figures/generated_00.png)")
     path = os.path.join(demo.out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "\n".join(lines) + "\n")
     with open(os.path.join(demo.out, "results.json"), "w") as f:
         json.dump(dict(config=dataclasses.asdict(demo), results=results, timings=timings), f, indent=1)
     return path

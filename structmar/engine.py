@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from structmar import atomic
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -376,13 +378,13 @@ class Engine:
         if self.sharded or self.env.is_main:  # ZeRO-0/1/2: the EMA is identical on every rank
             own["ema"] = {n: t.cpu() for n, t in self.ema.items()}
             own["ema_layout"] = "partition" if self.sharded else "full"
-        _atomic_torch_save(own, os.path.join(tag_dir, f"rank_{self.env.rank:05d}.pt"))
+        atomic.torch_save(own, os.path.join(tag_dir, f"rank_{self.env.rank:05d}.pt"))
         if self.env.is_main:
             state = dict(trainer_state, world_size=self.env.world_size, zero_stage=self.zero_stage, tag=tag)
-            _atomic_write(os.path.join(tag_dir, TRAINER_STATE), json.dumps(state, indent=1))
+            atomic.write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(state, indent=1))
         barrier()
         if self.env.is_main:
-            _atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+            atomic.write_text(os.path.join(ckpt_dir, LATEST), tag)
             _prune(ckpt_dir, keep, current=tag)
         barrier()
 
@@ -447,21 +449,6 @@ def _persistent_buffers(module: torch.nn.Module):
         for name, b in mod.named_buffers(recurse=False):
             if b is not None and name not in mod._non_persistent_buffers_set:
                 yield (f"{mod_name}.{name}" if mod_name else name), b
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _prune(ckpt_dir: str, keep: int, current: str) -> None:

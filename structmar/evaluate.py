@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from structmar import atomic
+
 FID_WEIGHTS_HOWTO = (
     "download pt_inception-2015-12-05-6726825d.pth (the FID Inception weights released with pytorch-fid) "
     "once on a machine with internet access and pass its path"
@@ -434,12 +436,6 @@ def _batches(num: int, batch_size: int, rank: int, world_size: int) -> list[tupl
             for j, s in enumerate(range(0, num, batch_size)) if j % world_size == rank]
 
 
-def _write_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _wait_for_parts(parts_dir: str, world_size: int, fingerprint: str, timeout: float) -> list[dict]:
     parts, deadline = [], time.monotonic() + timeout
     for r in range(world_size):
@@ -527,7 +523,7 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
                 part[f"clip_{which}"].append(clip_scorer(pixels, captions))
     for key in ("features_generated", "features_real", "clip_generated", "clip_real"):
         part[key] = torch.cat(part[key]) if part[key] else None
-    _write_atomic(os.path.join(parts_dir, f"rank{rank:04d}-of-{world_size:04d}.pt"), part)
+    atomic.torch_save(part, os.path.join(parts_dir, f"rank{rank:04d}-of-{world_size:04d}.pt"))
     if rank != 0:
         return None
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from structmar import atomic
 from structmar.coco import CocoLayouts, Layout, flip_boxes
 from structmar.tokenizer import latent_scale, sample_latents
 
@@ -287,25 +288,6 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory: never a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_command(shard_dir: str, split: str, tokenizer: str = "pixel", image_size: int = 256,
                   max_objects: int = 16, pixel_patch: int = 4) -> str:
     """The `structmar build-shards` command line that writes `split` into `shard_dir`."""
@@ -387,7 +369,7 @@ def update_manifest(out: str, split: str, num_shards: int, common: dict, split_i
         manifest["splits"][split] = dict(split_info, shards=shards, num_shards_expected=num_shards,
                                          num_samples=sum(s["num_samples"] for s in shards),
                                          complete=len(shards) == num_shards)
-        _write_atomic(path, json.dumps(manifest, indent=1).encode())
+        atomic.write_text(path, json.dumps(manifest, indent=1))
         return manifest
 
 
@@ -450,7 +432,7 @@ def _write_shard(path: str, samples: list[dict]) -> tuple[str, int]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    atomic.fsync_dir(os.path.dirname(path) or ".")
     return _sha256(path), os.path.getsize(path)
 
 
@@ -505,7 +487,7 @@ def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, sample
             sha, size = _write_shard(os.path.join(out, name + ".tar"), samples)
             side = dict(name=name + ".tar", num_samples=len(samples), sha256=sha, bytes=size,
                         image_ids=[lay.image_id for lay in layouts], fingerprint=fingerprint)
-            _write_atomic(os.path.join(out, name + ".json"), json.dumps(side).encode())
+            atomic.write_text(os.path.join(out, name + ".json"), json.dumps(side))
             built.append(name)
     bar.close()
     channels = tokenizer.channels

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from structmar import engine
+from structmar import atomic, engine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_latest_survives_an_interrupted_save(tmp_path):
         tag.mkdir(parents=True)
         (tag / engine.TRAINER_STATE).write_text(json.dumps({"step": step}))
         os.utime(tag / engine.TRAINER_STATE, (step, step))
-    engine._atomic_write(str(ckpt / engine.LATEST), "step_00000006")
+    atomic.write_text(str(ckpt / engine.LATEST), "step_00000006")
     (ckpt / "step_00000008").mkdir()  # a save killed before it completed: no trainer state, `latest` unmoved
     (ckpt / "step_00000008" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     tag, state = engine.latest_checkpoint(str(tmp_path))

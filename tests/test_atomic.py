@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+from structmar import atomic
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temp(tmp_path):
+    path = str(tmp_path / "state.json")
+    atomic.write_text(path, "old")
+
+    def dies_midway(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt  # a kill between the first bytes and the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_with(path, dies_midway)
+    assert (tmp_path / "state.json").read_text() == "old"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+    atomic.write_bytes(path, b"new")
+    assert (tmp_path / "state.json").read_bytes() == b"new"
+    atomic.torch_save({"w": torch.arange(3)}, str(tmp_path / "t.pt"))
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["w"].tolist() == [0, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "t.pt"]
