@@ -15,3 +15,23 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def pixel_shards(tmp_path_factory):
+    """Builds Shapes (32 px) -> pixel-token shards with a tiny random CLIP: root/{coco,clip,shards}."""
+    from structmar.shapes import generate_shapes
+    from structmar.shards import run_build
+    from structmar.text import write_random_clip
+
+    def build(name: str, num_train: int, num_val: int, samples_per_shard: int):
+        root = tmp_path_factory.mktemp(name)
+        generate_shapes(root / "coco", num_train, num_val, 32, seed=0)
+        write_random_clip(str(root / "clip"), seed=0, size="tiny")
+        run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(root / "shards"),
+                       tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=str(root / "clip"), image_size=32,
+                       max_objects=16, min_box_area=0.002, samples_per_shard=samples_per_shard, batch_size=64,
+                       num_workers=1, worker_rank=None, device="cpu", verify=False, progress=False))
+        return root
+
+    return build

@@ -291,20 +291,11 @@ RL_MODEL = model_config("tiny", text_dim=32, num_sampling_steps=10)  # the tiny 
 
 
 @pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
+def shapes_run(pixel_shards):
     """Shapes (16 train images, 32 px) -> pixel-token shards with a tiny random CLIP, and a stage-2-like export."""
-    from structmar.shapes import generate_shapes
-    from structmar.shards import run_build
-    from structmar.text import write_random_clip
-    from structmar.train import write_export
+    from structmar.model import write_export
 
-    root = tmp_path_factory.mktemp("rl")
-    generate_shapes(root / "coco", 16, 4, 32, seed=0)
-    write_random_clip(str(root / "clip"), seed=0, size="tiny")
-    run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(root / "shards"),
-                   tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=str(root / "clip"), image_size=32,
-                   max_objects=16, min_box_area=0.002, samples_per_shard=8, batch_size=16, num_workers=1,
-                   worker_rank=None, device="cpu", verify=False, progress=False))
+    root = pixel_shards("rl", 16, 4, samples_per_shard=8)
     torch.manual_seed(0)
     sd = StructMAR(RL_MODEL).state_dict()
     for t in sd.values():  # no zero-initialised tensor left: a zero head output ignores its condition

@@ -96,23 +96,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory):
+def tiny_run_inputs(pixel_shards):
     """Shapes -> pixel shards with a tiny random CLIP, and a tiny StructMAR export to start from."""
     import torch
 
     from structmar.config import model_config
     from structmar.model import StructMAR, write_export
-    from structmar.shapes import generate_shapes
-    from structmar.shards import run_build
-    from structmar.text import write_random_clip
 
-    root = tmp_path_factory.mktemp("slurm")
-    generate_shapes(root / "coco", 64, 4, 32, seed=0)
-    write_random_clip(str(root / "clip"), seed=0, size="tiny")
-    run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(root / "shards"),
-                   tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=str(root / "clip"), image_size=32,
-                   max_objects=16, min_box_area=0.002, samples_per_shard=16, batch_size=64, num_workers=1,
-                   worker_rank=None, device="cpu", verify=False, progress=False))
+    root = pixel_shards("slurm", 64, 4, samples_per_shard=16)
     cfg = model_config("tiny", text_dim=32)
     torch.manual_seed(0)
     sd = StructMAR(cfg).state_dict()

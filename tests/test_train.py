@@ -24,9 +24,7 @@ from structmar.cli import build_parser
 from structmar.config import TrainConfig, model_config
 from structmar.engine import CHECKPOINTS, LATEST, TRAINER_STATE
 from structmar.model import StructMAR, is_addition, read_weights
-from structmar.shapes import generate_shapes
-from structmar.shards import ShardLoader, run_build
-from structmar.text import write_random_clip
+from structmar.shards import ShardLoader
 from structmar.train import EXPORT, LOG, Start, lr_at, plan_start, resolve_model_config, write_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,15 +139,9 @@ def _eval_loss(state_dict: dict, shard_dir: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(pixel_shards) -> Path:
     """Shapes (64 train images, 32 px) -> pixel-token shards with a tiny random CLIP, and an init export."""
-    root = tmp_path_factory.mktemp("train")
-    generate_shapes(root / "coco", 64, 8, 32, seed=0)
-    write_random_clip(str(root / "clip"), seed=0, size="tiny")
-    run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(root / "shards"),
-                   tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=str(root / "clip"), image_size=32,
-                   max_objects=16, min_box_area=0.002, samples_per_shard=16, batch_size=64, num_workers=1,
-                   worker_rank=None, device="cpu", verify=False, progress=False))
+    root = pixel_shards("train", 64, 8, samples_per_shard=16)
     torch.manual_seed(0)
     sd = StructMAR(MODEL).state_dict()
     # a stand-in for pretrained MAR weights: no zero-initialised backbone/head tensor left (a zero
