@@ -149,6 +149,20 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_stage_runner(TrainConfig, "structmar.train.train"))
 
 
+def _add_sampling_flags(p) -> None:
+    """How `sample` and `eval` load a model and sample; defaults live in structmar.evaluate (None = not given)."""
+    p.add_argument("--num_iter", type=int, help="autoregressive steps (default 64)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--cfg_schedule", choices=("linear", "constant"), help="default linear")
+    p.add_argument("--temperature", type=float, help="diffusion sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--clip_path", help="the CLIP directory the model's shards were built with "
+                                       "(default pretrained_models/clip-vit-base-patch32)")
+    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="sample with the EMA weights (default: when the file has them)")
+
+
 def _add_sample(sub) -> None:
     # Sampling defaults live in structmar.evaluate (a flag left out is not passed).
     p = sub.add_parser("sample", help="generate images of one layout spec (PNGs and box/tag overlays)",
@@ -161,16 +175,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num_images", type=int, help="default 4")
     p.add_argument("--batch_size", type=int, help="images per sampler call (default 16)")
-    p.add_argument("--num_iter", type=int, help="autoregressive steps (default 64)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--cfg_schedule", choices=("linear", "constant"), help="default linear")
-    p.add_argument("--temperature", type=float, help="diffusion sampling temperature (default 1.0)")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--clip_path", help="the CLIP directory the model's shards were built with "
-                                       "(default pretrained_models/clip-vit-base-patch32)")
-    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
-                   help="sample with the EMA weights (default: when the file has them)")
+    _add_sampling_flags(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
 
     def run(args):
@@ -212,16 +217,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--inception_path",
                    help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); FID is skipped without it")
     p.add_argument("--clip_score_path", help="a two-tower CLIP directory for the CLIP score; skipped without it")
-    p.add_argument("--clip_path", help="the CLIP text encoder the model was trained with "
-                                       "(default pretrained_models/clip-vit-base-patch32)")
-    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
-                   help="sample with the EMA weights (default: when the file has them)")
-    p.add_argument("--num_iter", type=int, help="autoregressive steps (default 64)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--cfg_schedule", choices=("linear", "constant"), help="default linear")
-    p.add_argument("--temperature", type=float, help="default 1.0")
-    p.add_argument("--seed", type=int, help="default 0")
+    _add_sampling_flags(p)
     p.add_argument("--num_grids", type=_positive_int, help="4x4 figure grids to write (default 1)")
     p.add_argument("--device", help="auto (default: cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
     p.add_argument("--gather_timeout", type=float, help="seconds rank 0 waits for the other ranks (default 3600)")
