@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from structmar.config import RLConfig
 from structmar.diffusion import DiffLoss, Schedule, gaussian_log_prob
 from structmar.model import StructMAR, patchify
 from structmar.sample import ARStep, sample_latents
@@ -361,28 +362,28 @@ def clipped_loss(ro: Rollout, means: list[torch.Tensor], clip_range: float, kl_c
 
 @dataclass
 class GRPOSettings:
-    """The knobs of one GRPO step (the RL config's, without the run's I/O)."""
+    """The knobs of one GRPO step (the RL config's, without the run's I/O; the same defaults)."""
 
-    group_size: int = 4
-    num_iter: int = 8
-    rl_step_ratio: float = 1.0
-    diffusion_step_ratio: float = 1.0
-    clip_range: float = 0.2
-    kl_coef: float = 0.02
-    rollout_cfg: float = 1.0
-    cfg_schedule: str = "constant"
-    temperature: float = 1.0
-    rollout_steps: int | None = None
-    min_sigma: float = 0.02
-    sigma_mode: str = "exclude"
-    inner_steps: int = 1  # updates per rollout (the same selection and reference means)
+    group_size: int = RLConfig.group_size
+    num_iter: int = RLConfig.num_iter
+    rl_step_ratio: float = RLConfig.rl_step_ratio
+    diffusion_step_ratio: float = RLConfig.diffusion_step_ratio
+    clip_range: float = RLConfig.clip_range
+    kl_coef: float = RLConfig.kl_coef
+    rollout_cfg: float = RLConfig.rollout_cfg
+    cfg_schedule: str = RLConfig.cfg_schedule
+    temperature: float = RLConfig.temperature
+    rollout_steps: int | None = RLConfig.rollout_steps
+    min_sigma: float = RLConfig.min_sigma
+    sigma_mode: str = RLConfig.sigma_mode
+    inner_steps: int = RLConfig.inner_steps  # updates per rollout (the same selection and reference means)
     # backward passes per update: the selected AR steps are split into this many chunks, one per call, so
     # only one chunk's graph is alive at a time (the loop's gradient accumulation sums them)
     ar_chunks: int = 1
     # SDPA's math kernel for rollout and recomputation: its no-grad and with-grad results are bit-identical,
     # while the fused CPU kernels differ by ~1e-6, which an untrained head's first steps amplify
     math_attention: bool = True
-    anchor_coef: float = 0.0  # weight of the supervised model loss kept as an anchor (0: off)
+    anchor_coef: float = RLConfig.anchor_coef  # weight of the supervised model loss kept as an anchor (0: off)
 
 
 class GRPOObjective:
