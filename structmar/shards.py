@@ -36,6 +36,7 @@ import os
 import random
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,12 +171,15 @@ def decode_sample(raw: dict, schema: Schema) -> dict:
         raise ShardError("empty_layout", "empty layout (no boxes)")
     if tags.shape != (n_box, d) or cats.shape != (n_box,):
         raise ShardError("bad_shape", f"tags {tags.shape} / category ids {cats.shape} do not match {n_box} boxes")
-    for name, a in (("moments", moments), ("text", text), ("pooled", pooled), ("tags", tags), ("boxes", boxes)):
+    for name, a in (("moments", moments), ("text", text), ("pooled", pooled), ("tags", tags)):
         if not _all_finite(a):
             raise ShardError("nonfinite", f"NaN or inf in {name}")
-    bad = ~((boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= 1) & (boxes[:, 3] <= 1)
-            & (boxes[:, 0] < boxes[:, 2]) & (boxes[:, 1] < boxes[:, 3]))
-    if bad.any():
+    # Three comparisons fail on NaN or inf as well as on a bad box: the exact checks run only then.
+    lo, hi = boxes[:, :2], boxes[:, 2:]
+    if not ((lo >= 0).all() and (hi <= 1).all() and (lo < hi).all()):
+        if not _all_finite(boxes):
+            raise ShardError("nonfinite", "NaN or inf in boxes")
+        bad = ~((lo >= 0) & (hi <= 1) & (lo < hi)).all(1)
         raise ShardError("bad_box", f"box {boxes[bad][0].tolist()} is out of [0, 1] or inverted")
     unknown = sorted(set(cats.tolist()) - schema.categories)
     if unknown:
@@ -184,25 +188,44 @@ def decode_sample(raw: dict, schema: Schema) -> dict:
                 lengths=lengths, image_id=image_id)
 
 
+def _read(f, n: int) -> bytes:
+    """n bytes from unbuffered file `f` (fewer only at end of file): one read call in the usual case."""
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    parts, have = [data], len(data)
+    while have < n and (more := f.read(n - have)):
+        parts.append(more)
+        have += len(more)
+    return b"".join(parts)
+
+
+def _byte_sum(block: bytes) -> int:
+    """Sum of the bytes of a 512-byte block, exactly: Adler-32's low half is 1 + the byte sum modulo
+    65521, and a 256-byte half sums to at most 65280, so no reduction happens (4x faster than sum())."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _tar_members(f):
-    """(member name, payload bytes) of a plain ustar stream, checksums verified.
+    """(member name, payload bytes) of a plain ustar stream read unbuffered, checksums verified.
 
     Python's tarfile costs ~100 us a member; shards are plain ustar files (what TarWriter writes with
-    an integer mtime), so this reads the fixed 512-byte headers directly (~18 us a member). Archives
-    using pax or GNU long-name headers are read with tarfile instead.
+    an integer mtime), so this reads the fixed 512-byte headers directly (~8 us a member): each
+    payload is read straight into its own bytes object, then its padding and the next header in one
+    more read. Archives using pax or GNU long-name headers are read with tarfile instead.
     """
+    header = _read(f, 512)
     while True:
-        header = f.read(512)
         if len(header) < 512:
             raise ShardError("corrupt", "header cut short")
-        if header.count(0) == 512:
+        if header[0] == 0 and header.count(0) == 512:  # a member header starts with its name
             return  # end-of-archive marker
         try:
             size = int(header[124:136].rstrip(b"\0 ").strip() or b"0", 8)
             checksum = int(header[148:156].rstrip(b"\0 ").strip(), 8)
         except ValueError:
             raise ShardError("corrupt", "unreadable tar header") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+        if checksum != _byte_sum(header) - sum(header[148:156]) + 256:  # the field counts as 8 spaces
             raise ShardError("corrupt", "tar header checksum mismatch")
         kind = header[156:157]
         if kind in (b"x", b"g", b"L", b"K"):
@@ -210,10 +233,11 @@ def _tar_members(f):
         member = header[:100].split(b"\0", 1)[0]
         if header[257:262] == b"ustar" and header[345] != 0:
             member = header[345:500].split(b"\0", 1)[0] + b"/" + member
-        data = f.read(size)
+        data = _read(f, size)
         if len(data) < size:
             raise ShardError("corrupt", f"member {member.decode(errors='replace')} cut short")
-        f.seek(-size % 512, 1)
+        pad = -size % 512
+        header = _read(f, pad + 512)[pad:]
         if kind in (b"0", b"\0"):
             yield member.decode("utf-8"), data
 
@@ -236,12 +260,12 @@ def iter_shard(path: str, expected: int | None = None):
     name = os.path.basename(path)
     current, last_key, count = None, None, 0
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 1024 or size % 512:
                 raise ShardError("corrupt", f"{size} bytes")
             f.seek(size - 1024)
-            if f.read(1024).count(0) != 1024:
+            if _read(f, 1024).count(0) != 1024:
                 raise ShardError("corrupt", "no end-of-archive marker")
             for attempt in range(2):
                 f.seek(0)
@@ -641,55 +665,66 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return order[self.rank::self.world_size][worker::self.num_workers]
 
     def _pass(self, shards: list[str], counts: Counter):
-        """Raw samples of one pass over `shards` (a bad shard raises, or is skipped and counted)."""
+        """(shard, key, arrays) of each sample of one pass over `shards`; a bad shard raises, or is skipped and counted.
+
+        Each sample is decoded and checked as it is read, while its bytes are still in the CPU cache
+        (after the shuffle buffer they are not: ~10% of the loader's time); a bad sample carries the
+        ShardError saying why in place of its arrays, raised or counted where it is drawn (`_valid`).
+        """
         for name in shards:
             try:
-                yield from iter_shard(os.path.join(self.shard_dir, name), self.shard_sizes[name])
+                for raw in iter_shard(os.path.join(self.shard_dir, name), self.shard_sizes[name]):
+                    try:
+                        sample = decode_sample(raw, self.schema)
+                    except ShardError as e:
+                        sample = e.with_traceback(None)  # a traceback would keep the sample's bytes alive
+                    yield raw["__shard__"], raw["__key__"], sample
             except ShardError as e:
                 if self.on_error != "skip":
                     raise
                 counts[e.reason] += 1
 
     def _stream(self, shards: list[str], counts: Counter, rng: random.Random):
-        """Endless shuffled raw samples: pass after pass over `shards`, each pass a full shuffle-buffer cycle.
+        """Endless shuffled samples: pass after pass over `shards`, each pass a full shuffle-buffer cycle.
 
         A short share is topped up by a further pass, so every worker yields the same batch count.
         """
         while True:
             produced = 0
-            buf: list[dict] = []
-            for raw in self._pass(shards, counts):
+            buf: list[tuple] = []
+            for item in self._pass(shards, counts):
                 produced += 1
                 if not self.shuffle or self.shuffle_buffer <= 1:
-                    yield raw
+                    yield item
                     continue
                 if len(buf) < self.shuffle_buffer:
-                    buf.append(raw)
+                    buf.append(item)
                     continue
                 i = rng.randrange(len(buf))
-                buf[i], raw = raw, buf[i]
-                yield raw
+                buf[i], item = item, buf[i]
+                yield item
             rng.shuffle(buf)  # drain the buffer at the end of the pass, so a pass is a permutation
             yield from buf
             if produced == 0:
                 raise ShardError("corrupt", f"shards {shards} yielded no readable sample")
 
     def _valid(self, stream, counts: Counter, n: int, max_bad_run: int) -> list[dict]:
-        """The next `n` samples that decode and validate (bad ones raise, or are skipped and counted)."""
+        """The next `n` samples that decoded and validated (bad ones raise, or are skipped and counted)."""
         out, bad_run = [], 0
         while len(out) < n:
-            raw = next(stream)
-            try:
-                out.append(decode_sample(raw, self.schema))
+            shard, key, sample = next(stream)
+            if not isinstance(sample, ShardError):
+                out.append(sample)
                 bad_run = 0
-            except ShardError as e:
-                if self.on_error != "skip":
-                    raise ShardError(e.reason, f"shard {raw['__shard__']}, sample {raw['__key__']}: {e}") from None
-                counts[e.reason] += 1
-                bad_run += 1
-                if bad_run > max_bad_run:
-                    raise ShardError(e.reason, f"a whole pass over this worker's shards held no valid sample "
-                                     f"(last: shard {raw['__shard__']}, sample {raw['__key__']}: {e})") from None
+                continue
+            e = sample
+            if self.on_error != "skip":
+                raise ShardError(e.reason, f"shard {shard}, sample {key}: {e}") from None
+            counts[e.reason] += 1
+            bad_run += 1
+            if bad_run > max_bad_run:
+                raise ShardError(e.reason, f"a whole pass over this worker's shards held no valid sample "
+                                 f"(last: shard {shard}, sample {key}: {e})") from None
         return out
 
     def __iter__(self):
@@ -703,6 +738,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         shards = self.worker_shards(epoch, worker)
         max_bad_run = sum(self.shard_sizes[name] for name in shards)
         stream = self._stream(shards, counts, random.Random(_mix(self.seed, epoch, self.rank, worker, 1)))
+        staging: dict = {}
         for j in range(self.batches_per_worker):
             if j < skip:
                 if self.on_error == "skip":
@@ -714,69 +750,95 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 continue
             samples = self._valid(stream, counts, self.batch_size, max_bad_run)
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch, self.rank, worker, 2, j))
-            batch = self._collate(samples, gen)
-            batch["__skipped__"] = torch.tensor([counts[r] for r in SKIP_REASONS], dtype=torch.long)
+            batch = self._collate(samples, gen, staging)
+            batch["__skipped__"].numpy()[:] = [counts[r] for r in SKIP_REASONS]
             counts.clear()
             yield batch
 
-    def _collate(self, samples: list[dict], gen: torch.Generator) -> dict:
+    def _collate(self, samples: list[dict], gen: torch.Generator, staging: dict) -> dict:
+        """One batch from decoded `samples`; `staging` keeps this iterator's scratch arrays between batches."""
         b, k, length, d = len(samples), self.max_objects, self.text_length, self.schema.text_dim
         flips = torch.randint(0, 2, (b,), generator=gen).tolist()
         picks = torch.rand(b, generator=gen).tolist()
-        # Outputs are filled in place: one pass converts the stored float16 to the batch dtype. In a
-        # DataLoader worker they are allocated in shared memory, as torch's default_collate does: this
-        # saves a copy per batch on the way to the trainer (measured 1.5-2x the transfer rate).
-        new = _shared_empty if torch.utils.data.get_worker_info() is not None else _empty
-        moments = new((b,) + self.schema.moments_shape[1:], torch.float32)
-        batch = {
-            "text_tokens": new((b, length, d), self.dtype),
-            "text_mask": new((b, length), torch.bool).fill_(False),
-            "text_pooled": new((b, d), self.dtype),
-            "boxes": new((b, k, 4), torch.float32).fill_(0),
-            "box_mask": new((b, k), torch.bool).fill_(False),
-            "tag_embeds": new((b, k, d), self.dtype).fill_(0),
-            "category_ids": new((b, k), torch.long).fill_(-1),
-            "image_ids": new((b,), torch.long),
-        }
-        # Small fields are written through numpy views (a numpy store costs ~1 us, a torch one ~8 us);
-        # the large float16 payloads through torch, whose dtype conversion is vectorised.
-        small = {key: batch[key].numpy() for key in ("text_mask", "boxes", "box_mask", "category_ids", "image_ids")}
-        with warnings.catch_warnings():
-            # Payloads are read-only views of the tar bytes; they are only read from here.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for i, s in enumerate(samples):
-                self._fill(i, s, flips[i], picks[i], moments, batch, small)
-        latents = sample_latents(moments, self.scale, gen)  # (B, C, g, g) float32
-        return {"latents": latents.to(self.dtype), **batch}
+        latent_shape = (b, self.schema.moments_shape[1] // 2) + self.schema.moments_shape[2:]
+        batch = _empty_batch({
+            "latents": (latent_shape, self.dtype),
+            "text_tokens": ((b, length, d), self.dtype),
+            "text_mask": ((b, length), torch.bool),
+            "text_pooled": ((b, d), self.dtype),
+            "boxes": ((b, k, 4), torch.float32),
+            "box_mask": ((b, k), torch.bool),
+            "tag_embeds": ((b, k, d), self.dtype),
+            "category_ids": ((b, k), torch.long),
+            "image_ids": ((b,), torch.long),
+            "__skipped__": ((len(SKIP_REASONS),), torch.long),  # filled by __iter__, popped by ShardLoader
+        }, shared=torch.utils.data.get_worker_info() is not None)
+        # Rows are written through numpy (a numpy store costs ~1 us, a torch one ~5 us). Payloads go
+        # straight into a field of their dtype (the stored float16 into a float16 batch); otherwise
+        # they are staged in their own dtype and converted by one vectorised torch copy per field.
+        view = {key: t.numpy() for key, t in batch.items() if t.dtype != torch.bfloat16}
+        rows = {}
+        for key, field, shape in (("moments", "moments", (b,) + self.schema.moments_shape[1:]),
+                                  ("text_tokens", "text", (b, length, d)), ("text_pooled", "pooled", (b, d)),
+                                  ("tag_embeds", "tags", (b, k, d))):
+            dtype = np.result_type(*{s[field].dtype for s in samples})
+            if key in view and view[key].dtype == dtype:
+                rows[key] = view[key]
+            else:
+                if key not in staging or staging[key].shape != shape or staging[key].dtype != dtype:
+                    staging[key] = np.empty(shape, dtype)
+                rows[key] = staging[key]
+        moments, text, pooled, tags = rows["moments"], rows["text_tokens"], rows["text_pooled"], rows["tag_embeds"]
+        boxes, categories = view["boxes"], view["category_ids"]
+        boxes.fill(0)
+        categories.fill(-1)
+        num_boxes, num_tokens = np.empty(b, np.int64), np.empty(b, np.int64)
+        for i, s in enumerate(samples):
+            # View `flips[i]` (0 image, 1 mirror) and caption `picks[i]` (in [0, 1)) of sample i.
+            moments[i] = s["moments"][flips[i]]  # the latent flip; the box flip follows the loop
+            n_box = num_boxes[i] = min(len(s["boxes"]), k)  # stored largest first: truncation keeps the largest
+            boxes[i, :n_box] = s["boxes"][:n_box]
+            categories[i, :n_box] = s["category_ids"][:n_box]
+            tags[i, :n_box] = s["tags"][:n_box]
+            tags[i, n_box:] = 0
+            lengths = s["lengths"]
+            c = min(int(picks[i] * len(lengths)), len(lengths) - 1)
+            n_tok = num_tokens[i] = min(int(lengths[c]), length)
+            text[i, :n_tok] = s["text"][c, :n_tok]
+            text[i, n_tok:] = 0
+            pooled[i] = s["pooled"][c]
+        np.less(np.arange(k), num_boxes[:, None], out=view["box_mask"])
+        # The box flip, next to the latent flip: the rows showing view 1 (the mirrored image) get mirrored boxes.
+        mirrored = np.flatnonzero(flips)
+        boxes[mirrored] = np.where(view["box_mask"][mirrored, :, None], flip_boxes(boxes[mirrored]), 0)
+        np.less(np.arange(length), num_tokens[:, None], out=view["text_mask"])
+        view["image_ids"][:] = [s["image_id"] for s in samples]
+        for key in ("text_tokens", "text_pooled", "tag_embeds"):
+            if rows[key] is not view.get(key):
+                batch[key].copy_(torch.from_numpy(rows[key]))
+        batch["latents"].copy_(sample_latents(torch.from_numpy(moments), self.scale, gen))  # (B, C, g, g)
+        return batch
 
-    def _fill(self, i: int, s: dict, flip: int, pick: float, moments: torch.Tensor, batch: dict, small: dict):
-        """Write sample `s` into row i: view `flip` (0 image, 1 mirror) and caption `pick` (in [0, 1))."""
-        moments[i].copy_(torch.from_numpy(s["moments"][flip]))
-        n_box = min(len(s["boxes"]), self.max_objects)  # stored largest first: truncation keeps the largest
-        # The box flip sits next to the latent flip: view 1 is the mirrored image.
-        small["boxes"][i, :n_box] = flip_boxes(s["boxes"][:n_box]) if flip else s["boxes"][:n_box]
-        small["box_mask"][i, :n_box] = True
-        small["category_ids"][i, :n_box] = s["category_ids"][:n_box]
-        batch["tag_embeds"][i, :n_box].copy_(torch.from_numpy(s["tags"][:n_box]))
-        c = min(int(pick * len(s["lengths"])), len(s["lengths"]) - 1)
-        n_tok = min(int(s["lengths"][c]), self.text_length)
-        batch["text_tokens"][i, :n_tok].copy_(torch.from_numpy(s["text"][c, :n_tok]))
-        batch["text_tokens"][i, n_tok:] = 0
-        small["text_mask"][i, :n_tok] = True
-        batch["text_pooled"][i].copy_(torch.from_numpy(s["pooled"][c]))
-        small["image_ids"][i] = s["image_id"]
 
+def _empty_batch(fields: dict, shared: bool) -> dict:
+    """Uninitialised tensors {name: (shape, dtype)}.
 
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype)
-
-
-def _shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in shared memory (falls back to plain memory if torch lacks the hook)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0 or not hasattr(torch.UntypedStorage, "_new_shared"):
-        return _empty(shape, dtype)
-    return torch.tensor([], dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+    In a DataLoader worker (`shared`) they are carved from one block of shared memory: allocating
+    in shared memory, as torch's default_collate does, saves a copy per batch on the way to the
+    trainer (measured 1.5-2x the transfer rate), and one block passes to the trainer as one file
+    descriptor where a block per field costs a handshake each (~1.5 ms of the trainer's CPU time
+    per MAR-H batch of 64).
+    """
+    if not (shared and hasattr(torch.UntypedStorage, "_new_shared")):
+        return {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in fields.items()}
+    offsets, nbytes = [], 0
+    for shape, dtype in fields.values():
+        nbytes = -(-nbytes // 64) * 64  # each field starts 64-byte aligned
+        offsets.append(nbytes)
+        nbytes += math.prod(shape) * dtype.itemsize
+    block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
+    return {name: block[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for (name, (shape, dtype)), start in zip(fields.items(), offsets, strict=True)}
 
 
 class ShardLoader:
