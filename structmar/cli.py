@@ -286,6 +286,10 @@ def _add_rl(sub) -> None:
     p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
     p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
                    help="where the frozen reference computes (it is stored on the CPU either way)")
+    p.add_argument("--math_attention", action=argparse.BooleanOptionalAction, default=d.math_attention,
+                   help="attention that runs through SDPA uses its math kernel in rollouts and recomputation, so "
+                        "an update's first recomputation reproduces the rollout's log-densities exactly (ratio 1); "
+                        "--no-math_attention: SDPA's fused kernels, faster, ratios off 1 by their rounding")
     p.add_argument("--lr", type=float, default=d.lr, help="absolute learning rate")
 
     p.set_defaults(func=_stage_runner(RLConfig, "structmar.grpo.run_rl"))

@@ -286,6 +286,10 @@ class RLConfig(TrainConfig):
     anchor_coef: float = 0.0  # weight of the supervised loss kept as an anchor
     train_head: bool = False
     ref_device: str = "cpu"
+    # attention through SDPA uses its math kernel in rollouts and recomputation, so an update's first
+    # recomputation reproduces the rollout's log-densities exactly (ratio 1); off: SDPA's fused kernels
+    # (faster; on CPU they differ by ~1e-6 between no-grad and with-grad, which an untrained head amplifies)
+    math_attention: bool = True
 
     def validate(self) -> RLConfig:
         super().validate()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from structmar.config import RLConfig
-from structmar.diffusion import DiffLoss, Schedule, gaussian_log_prob
+from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
 from structmar.model import StructMAR, patchify
 from structmar.sample import ARStep, sample_latents
 
@@ -150,6 +151,28 @@ class Rollout:
     sigmas: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k, C)
     ref_means: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k, C)
     times: dict[str, float] = field(default_factory=dict)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def rollout_state(ro: Rollout) -> dict:
+    """The rollout as nested dicts, lists, tensors and numbers: what a checkpoint loads with weights_only=True."""
+    return _plain(ro)
+
+
+def rollout_from_state(state: dict) -> Rollout:
+    """The inverse of `rollout_state` (tensors stay where they were loaded; the update moves them)."""
+    steps = [ARStep(**{**st, "trace": DenoisingTrace(**st["trace"])}) for st in state["steps"]]
+    selection = Selection(**state["selection"]) if state["selection"] is not None else None
+    return Rollout(**{**state, "steps": steps, "selection": selection})
 
 
 @torch.no_grad()
@@ -292,12 +315,22 @@ class ReferencePolicy:
     def from_state_dict(cls, model_cfg, state_dict: dict, device: str = "cpu") -> ReferencePolicy:
         from structmar.model import load_weights
 
-        with torch.device("cpu"):
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # its init must not move the loop's RNG
             model = StructMAR(model_cfg)
         report = load_weights(model, state_dict)
         if report.missing:
             raise ValueError(f"the reference weights lack {len(report.missing)} tensors, e.g. {report.missing[:3]}")
         return cls(model, device)
+
+    def digest(self) -> str:
+        """sha256 of the weights (names, dtypes, shapes, bytes): which reference a checkpoint was trained against."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
 
     @torch.no_grad()
     def means(self, ro: Rollout, num_steps: int | None, like: torch.Tensor) -> list[torch.Tensor]:
@@ -350,7 +383,7 @@ def clipped_loss(ro: Rollout, means: list[torch.Tensor], clip_range: float, kl_c
         unclipped = ratio * adv
         clip = ratio.clamp(1 - clip_range, 1 + clip_range) * adv
         surrogate.append(torch.minimum(unclipped, clip).reshape(-1))
-        kls.append(gaussian_kl_equal_sigma(mean, ref, sigma).reshape(-1))
+        kls.append(gaussian_kl_equal_sigma(mean, ref.to(mean.device), sigma).reshape(-1))
         ratios.append(ratio.detach().reshape(-1))
         clipped.append(((ratio.detach() - 1).abs() > clip_range).float().reshape(-1))
     surrogate_all, kl_all, ratio_all = torch.cat(surrogate), torch.cat(kls), torch.cat(ratios)
@@ -380,9 +413,7 @@ class GRPOSettings:
     # backward passes per update: the selected AR steps are split into this many chunks, one per call, so
     # only one chunk's graph is alive at a time (the loop's gradient accumulation sums them)
     ar_chunks: int = 1
-    # SDPA's math kernel for rollout and recomputation: its no-grad and with-grad results are bit-identical,
-    # while the fused CPU kernels differ by ~1e-6, which an untrained head's first steps amplify
-    math_attention: bool = True
+    math_attention: bool = RLConfig.math_attention  # SDPA's math kernel in rollout and recomputation (ratio 1)
     anchor_coef: float = RLConfig.anchor_coef  # weight of the supervised model loss kept as an anchor (0: off)
 
 
@@ -403,6 +434,17 @@ class GRPOObjective:
         self.current: Rollout | None = None
         self.uses = 0
         self.dropped_rows = 0
+
+    def state_dict(self) -> dict:
+        """What a continued run needs to go on exactly: the rollout still in use (`inner_steps` > 1 and a
+        checkpoint inside it; None otherwise) with its use count, and the count of dropped rows."""
+        in_use = self.current is not None and self.uses < self.s.inner_steps * self.s.ar_chunks
+        return {"rollout": rollout_state(self.current) if in_use else None, "uses": self.uses if in_use else 0,
+                "dropped_rows": self.dropped_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current = rollout_from_state(state["rollout"]) if state["rollout"] is not None else None
+        self.uses, self.dropped_rows = state["uses"], state["dropped_rows"]
 
     def _kernels(self):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -472,8 +514,6 @@ class GRPOObjective:
 
 def resolve_weights_path(resume: str) -> str:
     """A weights file, or a run directory's stage export."""
-    import os
-
     from structmar.train import EXPORT
 
     if os.path.isdir(resume):
@@ -487,11 +527,13 @@ def resolve_weights_path(resume: str) -> str:
 
 
 class GRPOStage:
-    """What the training loop needs from stage 3: which parameters train, and the objective.
+    """What the training loop needs from stage 3: which parameters train, the objective, and its state.
 
     Built before any process group or rollout, so a missing or wrong detector fails first. `prepare`
     runs once the policy is built: it makes the tokenizer and the frozen CPU reference from the --resume
-    weights (also when the run continues a checkpoint: the reference is the stage's start, never updated).
+    weights. The reference is the stage's start, never updated: a checkpoint records its file and sha256,
+    and a continued run (`load_state_dict`) keeps the recorded one, rebuilding it from the recorded file
+    when --resume now names other weights (e.g. this run's own directory, whose export has moved on).
     """
 
     name = "grpo"
@@ -508,6 +550,8 @@ class GRPOStage:
             reward_fn = layout_reward(detector, weights)
         self.reward_fn = reward_fn
         self.objective: GRPOObjective | None = None
+        self.model_cfg = None
+        self.reference_source: dict | None = None  # {"path", "sha256"} of the reference weights
 
     def settings(self) -> GRPOSettings:
         c = self.cfg
@@ -515,7 +559,8 @@ class GRPOStage:
                             diffusion_step_ratio=c.diffusion_step_ratio, clip_range=c.clip_range, kl_coef=c.kl_coef,
                             rollout_cfg=c.rollout_cfg, cfg_schedule=c.cfg_schedule, temperature=c.temperature,
                             rollout_steps=c.rollout_steps, min_sigma=c.min_sigma, sigma_mode=c.sigma_mode,
-                            inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum)
+                            inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum,
+                            math_attention=c.math_attention)
 
     def trainable(self, name: str) -> bool:
         return self.cfg.train_head or not name.startswith("diffloss.")
@@ -526,10 +571,38 @@ class GRPOStage:
 
         c = self.cfg
         tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=c.vae_path, pixel_patch=model_cfg.pixel_patch)
-        reference = ReferencePolicy.from_state_dict(model_cfg, read_weights(resolve_weights_path(c.resume)).model,
-                                                    device=c.ref_device)
+        path = os.path.abspath(resolve_weights_path(c.resume))
+        reference = ReferencePolicy.from_state_dict(model_cfg, read_weights(path).model, device=c.ref_device)
+        self.model_cfg = model_cfg
+        self.reference_source = {"path": path, "sha256": reference.digest()}
         self.objective = GRPOObjective(self.settings(), tokenizer.eval(), self.reward_fn, reference,
                                        generator=None)  # rollouts draw from the loop's seeded torch RNG (seed)
+
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint: the reference's source and the objective's state."""
+        return {"reference": dict(self.reference_source), **self.objective.state_dict()}
+
+    def load_state_dict(self, state: dict, same_ranks: bool = True) -> None:
+        """Continue from a checkpoint's `state_dict()`; with another world size (`same_ranks` False) the rollout
+        in use, saved by one rank, is dropped (the next step rolls out afresh)."""
+        from structmar.model import read_weights
+
+        saved = state["reference"]
+        if saved["sha256"] != self.reference_source["sha256"]:
+            path = saved["path"]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"this run's KL reference {path} is gone, and --resume "
+                                        f"{self.reference_source['path']} holds other weights; restore the file")
+            reference = ReferencePolicy.from_state_dict(self.model_cfg, read_weights(path).model,
+                                                        device=self.cfg.ref_device)
+            if reference.digest() != saved["sha256"]:
+                raise ValueError(f"this run's KL reference {path} changed since the run started (sha256 differs); "
+                                 "restore the stage's starting weights or start a new --output_dir")
+            self.objective.reference, self.reference_source = reference, dict(saved)
+        objective_state = {k: v for k, v in state.items() if k != "reference"}
+        if not same_ranks:
+            objective_state.update(rollout=None, uses=0)
+        self.objective.load_state_dict(objective_state)
 
     def loss(self, model: StructMAR, batch: dict) -> tuple[torch.Tensor, dict]:
         tokenizer = self.objective.tokenizer

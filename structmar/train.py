@@ -7,7 +7,8 @@ data order in `structmar.shards`.
 
 Resume rules (`--resume`):
   - the run's own output_dir has a checkpoint: continue it exactly (weights, optimizer, EMA, step,
-    data position, RNG), also when --resume is not given (a preempted job reruns the same command);
+    data position, RNG, an objective's own state), also when --resume is not given (a preempted job
+    reruns the same command);
   - a weights file (MAR `.pth`/`.safetensors`, or a stage export `checkpoint-last.safetensors`), or
     another run's directory (its export is used): initialise the weights from it, start at step 0.
 """
@@ -183,7 +184,8 @@ def train(cfg: TrainConfig, objective=None, build_model: Callable[[ModelConfig],
           on_step: Callable[[eng.Engine, int, eng.StepResult], None] | None = None) -> Summary:
     """Run one stage. Stages 1-2 minimise the model's own loss (`cfg.train_mode`); another stage passes an
     `objective` with `.name`, `.trainable(param_name) -> bool`, `.prepare(model_cfg, seed)` (once the model
-    exists) and `.loss(model, batch) -> (loss, metrics)` (stage 3: `structmar.grpo`; ZeRO stage 0-2).
+    exists), `.loss(model, batch) -> (loss, metrics)` and `.state_dict()` / `.load_state_dict(state,
+    same_ranks)` (its per-rank state in each checkpoint) (stage 3: `structmar.grpo`; ZeRO stage 0-2).
     `build_model` (default StructMAR) and `on_step` are hooks for tests and tools. SIGTERM/SIGUSR1 during
     the run save a checkpoint at the next step boundary and return (Summary.preempted)."""
     stop = _StopFlag()
@@ -262,6 +264,8 @@ def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -
             # per-rank positions do not map across world or batch sizes: resume at the same share of the epoch
             seen = data["batches"] * start.saved["world_size"] * start.saved["batch_size"]
             data = dict(data, batches=min(seen // (env.world_size * cfg.batch_size), len(loader)))
+        if objective is not None and "objective" in own:
+            objective.load_state_dict(own["objective"], same_ranks=not universal)
         if not universal:
             torch.set_rng_state(own["rng_cpu"])
             if env.device.type == "cuda" and "rng_cuda" in own:
@@ -298,6 +302,8 @@ def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -
         trainer_state = dict(step=step, epoch=epoch_done, stage=stage, nonfinite_total=nonfinite_total,
                              batch_size=cfg.batch_size, train_config=cfg.to_dict(), model_config=model_cfg.to_dict())
         rank_state = {"rng_cpu": torch.get_rng_state(), "data": loader.state_dict()}
+        if objective is not None:
+            rank_state["objective"] = objective.state_dict()
         if env.device.type == "cuda":
             rank_state["rng_cuda"] = torch.cuda.get_rng_state(env.device)
         engine.save(cfg.output_dir, tag, trainer_state, rank_state, keep=cfg.keep_checkpoints)

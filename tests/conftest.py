@@ -35,3 +35,30 @@ def pixel_shards(tmp_path_factory):
         return root
 
     return build
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """Runs a command as one plain process (ranks 0) or under `deepspeed --num_gpus <ranks>` (gloo on CPU):
+    launch(ranks, args, cwd, module=False, timeout=300, env=None) -> CompletedProcess. With `module`, the
+    launcher runs `python -m <args[0]> --local_rank=N <args[1:]>`, as users type it."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+
+    def run(ranks: int, args: list[str], cwd, module: bool = False, timeout: int = 300, env: dict | None = None):
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))  # 2 ranks share 2 cores
+        if ranks == 0:
+            cmd = [sys.executable, *(["-m"] if module else []), *args]
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(port),
+                   *(["--module"] if module else []), *args]
+        return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -12,6 +12,7 @@ from structmar.config import model_config
 from structmar.grpo import (
     GRPOObjective,
     GRPOSettings,
+    GRPOStage,
     ReferencePolicy,
     chunk_of,
     clipped_loss,
@@ -200,6 +201,34 @@ def test_ar_chunks_split_the_selected_steps_across_backward_passes():
     with pytest.raises(ValueError, match="cannot fill 4 chunks"):
         chunk_of(ro, 3, 4)
 
+def test_a_rollout_in_use_survives_a_checkpoint():
+    """The objective's state goes through torch.save / weights_only load; the restored objective's next
+    update uses the same rollout, selection and reference means as the original's."""
+    import io
+
+    model = make_model()
+    settings = GRPOSettings(group_size=2, num_iter=3, rollout_cfg=2.0, min_sigma=0.0, inner_steps=2, kl_coef=0.1)
+
+    def objective():
+        return GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0)), ReferencePolicy(model),
+                             generator=torch.Generator().manual_seed(0))
+
+    first = objective()
+    first.loss(model, conditions(model.cfg))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = objective()
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        model.fake_latent.add_(0.1)  # an update moved the policy: the ratio leaves 1
+    (loss_a, metrics_a), (loss_b, metrics_b) = first.loss(model, None), second.loss(model, None)
+    assert torch.equal(loss_a, loss_b) and metrics_a.keys() == metrics_b.keys() and metrics_a["ratio_max_dev"] > 0
+    assert all(torch.equal(metrics_a[k], metrics_b[k]) for k in metrics_a if not k.startswith("time_"))
+    assert second.current is not None and second.uses == 2
+    assert first.state_dict()["rollout"] is None  # used up: the next call rolls out afresh
+
+
 # ---- the reference ----------------------------------------------------------------------------------
 
 
@@ -329,6 +358,12 @@ def test_every_rl_flag_maps_to_the_rl_config():
     assert paper <= dests
     args = rl.parse_args(["--resume", "x", "--kl_coef", "0.1", "--train_head"])
     assert args.kl_coef == 0.1 and args.train_head and args.ref_device == "cpu" and args.lr == 1e-6
+    # booleans that default on have a --no- form; each reaches the GRPO step's settings
+    assert args.math_attention is True and GRPOSettings().math_attention is True
+    args = rl.parse_args(["--resume", "x", "--no-math_attention"])
+    cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    assert cfg.math_attention is False
+    assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().math_attention is False
 
 def test_rl_detector_errors_come_before_any_rollout(shapes_run, tmp_path, capsys):
     from torchvision.models import resnet18
@@ -369,3 +404,145 @@ def test_structmar_rl_runs_grpo_through_the_training_loop(shapes_run, tmp_path):
     head = [k for k in start if k.startswith("diffloss.")]
     assert head and all(torch.equal(start[k], end[k]) for k in head)  # the head is frozen unless --train_head
     assert any(not torch.equal(start[k], end[k]) for k in start if not k.startswith("diffloss."))
+
+
+# ---- `structmar rl` under real processes: resume after a crash, two ranks ----------------------------
+
+RL_DRIVER = '''"""`structmar rl <flags>` with test hooks read from the environment:
+RL_KILL_AT: the optimizer step after which rank 0 kills itself with SIGKILL (a crash, no cleanup);
+RL_DUMP: a directory where each rank writes, at the end, its policy weights, its reference's weights and
+devices, and the image ids of the layouts it rolled out."""
+import os, signal, sys
+
+import torch
+
+from structmar import grpo, train as loop
+from structmar.cli import main
+
+kill_at = int(os.environ.get("RL_KILL_AT", "0"))
+dump = os.environ.get("RL_DUMP")
+rolled = []
+new_rollout = grpo.GRPOObjective.new_rollout
+
+
+def recording(self, model, batch):
+    rolled.append(batch["image_ids"].tolist())
+    return new_rollout(self, model, batch)
+
+
+def train(cfg, objective=None, build_model=None, on_step=None):
+    engines = []
+
+    def hook(engine, step, result):
+        engines[:] = [engine]
+        if step == kill_at and engine.env.rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    summary = run(cfg, objective, build_model, hook)
+    if dump:
+        reference = objective.objective.reference.model
+        torch.save(dict(policy={k: v.detach().float().clone() for k, v in engines[0].module.state_dict().items()},
+                        reference={k: v.clone() for k, v in reference.state_dict().items()},
+                        reference_devices=sorted({p.device.type for p in reference.parameters()}),
+                        rolled=rolled), os.path.join(dump, f"rank{engines[0].env.rank}.pt"))
+    return summary
+
+
+grpo.GRPOObjective.new_rollout = recording
+run, loop.train = loop.train, train
+sys.exit(main(sys.argv[1:]))
+'''
+
+RL_LOGGED = ("train/loss", "train/reward_mean", "train/kl", "train/policy_loss", "train/ratio_mean")
+
+
+@pytest.fixture(scope="module")
+def rl_driver(shapes_run):
+    path = shapes_run / "rl_driver.py"
+    path.write_text(RL_DRIVER)
+    return path
+
+
+def _rl_log(out) -> dict[int, dict[str, float]]:
+    """step -> logged RL values; a continued run appends, so the last row of a step wins."""
+    import json
+
+    from structmar.train import LOG
+
+    rows = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    return {r["step"]: {k: r[k] for k in RL_LOGGED} for r in rows if "train/loss" in r}
+
+
+def _rl_run_args(root, out, *extra):
+    from pathlib import Path
+
+    zero2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+    return _rl_args(root, out, "--detector", "shapes", "--sample_every", "0", "--deepspeed_config", str(zero2),
+                    "--rl_step_ratio", "0.5", "--diffusion_step_ratio", "0.5", "--kl_coef", "0.5", *extra)[1:]
+
+
+@pytest.mark.slow
+def test_rl_killed_mid_run_continues_exactly_when_rerun(shapes_run, rl_driver, launch, tmp_path):
+    """Uninterrupted 6 steps vs. SIGKILL after step 4 with a checkpoint at step 3 (inside a rollout: 2 steps
+    per rollout), then the same command again: steps 4-6 log the same loss, reward, KL and ratios (step,
+    optimizer, the rollout in use, the rollout RNG stream and the reference restored). Continued instead with
+    --resume naming the run's own directory (whose export has moved on), the reference is still the start's."""
+    import shutil
+
+    from structmar.engine import CHECKPOINTS, LATEST
+
+    def command(out, resume=None):
+        args = _rl_run_args(shapes_run, out, "--max_steps", "6", "--save_steps", "3", "--inner_steps", "2")
+        if resume is not None:
+            args[args.index("--resume") + 1] = str(resume)
+        return [str(rl_driver), "rl", *args]
+
+    whole = tmp_path / "whole"
+    proc = launch(0, command(whole), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = _rl_log(whole)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    killed = tmp_path / "killed"
+    proc = launch(0, command(killed), cwd=tmp_path, env={"RL_KILL_AT": "4"})
+    assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (killed / CHECKPOINTS / LATEST).read_text() == "step_00000003"
+    own = tmp_path / "own"
+    shutil.copytree(killed, own)
+    for out, resume in ((killed, None), (own, own)):
+        proc = launch(0, command(out, resume), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "continuing" in proc.stdout
+        resumed = _rl_log(out)
+        for step in (4, 5, 6):
+            for key in RL_LOGGED:
+                assert abs(resumed[step][key] - reference[step][key]) <= 1e-6, (out.name, step, key, resumed[step],
+                                                                                 reference[step])
+
+
+@pytest.mark.slow
+def test_rl_on_two_ranks_splits_layouts_and_keeps_ranks_identical(shapes_run, rl_driver, launch, tmp_path):
+    """`deepspeed --num_gpus 2` (gloo, ZeRO-2), 3 steps: the ranks roll out disjoint layouts, end with
+    identical weights equal to the one export, and keep their references unchanged on the CPU."""
+    from structmar.model import read_weights
+    from structmar.train import EXPORT
+
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    proc = launch(2, [str(rl_driver), "rl", *_rl_run_args(shapes_run, out, "--max_steps", "3")], cwd=tmp_path,
+                  env={"RL_DUMP": str(dump)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 ranks x batch 2" in proc.stdout
+    assert proc.stdout.count(f"saved step_00000003 and {out / EXPORT}") == 1  # rank 0 logs (and writes) it
+    ranks = [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    rolled = [[i for batch in r["rolled"] for i in batch] for r in ranks]
+    assert all(len(r["rolled"]) == 3 and all(len(b) == 2 for b in r["rolled"]) for r in ranks)
+    assert not set(rolled[0]) & set(rolled[1]), rolled  # each rank its own share of the layouts
+    start, export = read_weights(str(shapes_run / "init.safetensors")).model, read_weights(str(out / EXPORT)).model
+    for name, value in ranks[0]["policy"].items():
+        assert torch.equal(value, ranks[1]["policy"][name]), name
+        assert torch.equal(value, export[name]), name
+    assert any(not torch.equal(export[k], start[k]) for k in start if not k.startswith("diffloss."))
+    for r in ranks:
+        assert r["reference_devices"] == ["cpu"]
+        assert all(torch.equal(r["reference"][k], start[k].float()) for k in start), "the reference moved"

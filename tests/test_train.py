@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +25,6 @@ from structmar.train import EXPORT, LOG, Start, lr_at, plan_start, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "train_driver.py"
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 MODEL = model_config("tiny", text_dim=32)  # the tiny random CLIP is 32 wide
 
 
@@ -96,28 +91,11 @@ def test_resume_rules(tmp_path):
 # ---- slow: real launchers ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(ranks: int, args: list[str], cwd: Path, module: bool = False, timeout: int = 300):
-    """ranks 0: one plain process (no launcher); otherwise `deepspeed --num_gpus ranks`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks share 2 cores
-    if ranks == 0:
-        cmd = [sys.executable, *(["-m"] if module else []), *args]
-    else:
-        # with --module the launcher runs `python -m structmar --local_rank=N <args>`, as users type it
-        cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-               *(["--module"] if module else []), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _drive(ranks: int, spec: dict, tmp: Path, name: str):
+def _drive(launch, ranks: int, spec: dict, tmp: Path, name: str):
+    """Run tests/train_driver.py on `spec` (one plain process for ranks 0, else `deepspeed --num_gpus ranks`)."""
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec))
-    return _launch(ranks, [str(DRIVER), str(path)], cwd=tmp)
+    return launch(ranks, [str(DRIVER), str(path)], cwd=tmp)
 
 
 def _log_losses(run_dir: Path) -> dict[int, float]:
@@ -173,12 +151,12 @@ def _spec(data: Path, out: Path, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def zero3_run(data):
+def zero3_run(data, launch):
     """8 uninterrupted ZeRO-3 steps on 2 ranks, checking the sharded EMA against the reference recurrence."""
     out = data / "zero3"
     spec = _spec(data, out, save_steps=4, hooks=dict(ema_reference=str(data / "ema.json"),
                                                      summary=str(data / "zero3_summary.json")))
-    proc = _drive(2, spec, data, "zero3")
+    proc = _drive(launch, 2, spec, data, "zero3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, spec
 
@@ -200,14 +178,14 @@ def test_zero3_trains_with_ema_equal_to_reference(data, zero3_run, init_loss):
 
 
 @pytest.mark.slow
-def test_kill9_then_cli_resume_repeats_the_uninterrupted_losses(data, zero3_run):
+def test_kill9_then_cli_resume_repeats_the_uninterrupted_losses(data, zero3_run, launch):
     reference = _log_losses(zero3_run[0])
     out = data / "killed"
-    proc = _drive(2, _spec(data, out, save_steps=3, hooks=dict(kill_at=5)), data, "killed")
+    proc = _drive(launch, 2, _spec(data, out, save_steps=3, hooks=dict(kill_at=5)), data, "killed")
     assert proc.returncode != 0  # rank 0 died by SIGKILL after step 5
     assert (out / CHECKPOINTS / LATEST).read_text() == "step_00000003"
     # the same command again, through the real CLI: it continues its own output_dir
-    proc = _launch(2, ["structmar", "train", "--output_dir", str(out), "--data", str(data / "shards"),
+    proc = launch(2, ["structmar", "train", "--output_dir", str(out), "--data", str(data / "shards"),
                        "--resume", str(data / "init.safetensors"), "--batch_size", "2", "--epochs", "1",
                        "--max_steps", "8", "--warmup_epochs", "0", "--lr", "1e-3", "--device", "cpu",
                        "--precision", "fp32", "--deepspeed_config", str(data / "ds_zero3.json"),
@@ -223,7 +201,7 @@ def test_kill9_then_cli_resume_repeats_the_uninterrupted_losses(data, zero3_run)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [3, 2])
-def test_resume_two_ranks_on_one_plain_process(data, zero3_run, zero2_run, stage):
+def test_resume_two_ranks_on_one_plain_process(data, zero3_run, zero2_run, stage, launch):
     """DeepSpeed's universal checkpoint for the model and optimizer, the EMA reassembled by name."""
     src, spec = zero3_run if stage == 3 else zero2_run[:2]
     saved_step = 8 if stage == 3 else 6
@@ -231,7 +209,7 @@ def test_resume_two_ranks_on_one_plain_process(data, zero3_run, zero2_run, stage
     shutil.copytree(src, out)
     summary = data / f"one_rank_zero{stage}_summary.json"
     spec = dict(spec, output_dir=str(out), max_steps=saved_step + 1, sample_every=0, hooks=dict(summary=str(summary)))
-    proc = _drive(0, spec, data, f"one_rank_zero{stage}")
+    proc = _drive(launch, 0, spec, data, f"one_rank_zero{stage}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "saved with 2 ranks, now 1" in proc.stdout
     assert json.loads(summary.read_text())["step"] == saved_step + 1
@@ -247,13 +225,13 @@ def test_resume_two_ranks_on_one_plain_process(data, zero3_run, zero2_run, stage
 
 
 @pytest.fixture(scope="module")
-def zero2_run(data):
+def zero2_run(data, launch):
     """ZeRO-2 on 2 ranks: a NaN loss on rank 1 at its 3rd forward, SIGTERM to rank 0 after step 6."""
     out = data / "zero2"
     spec = _spec(data, out, deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), max_steps=10, sample_every=3,
                  hooks=dict(nan_at=[3], nan_ranks=[1], sigterm_at=6, summary=str(data / "zero2_summary.json"),
                             ema_reference=str(data / "zero2_ema.json")))
-    proc = _drive(2, spec, data, "zero2")
+    proc = _drive(launch, 2, spec, data, "zero2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, spec, proc
 
@@ -279,11 +257,11 @@ def test_zero2_skips_nonfinite_steps_and_saves_on_sigterm(data, zero2_run, init_
 
 
 @pytest.mark.slow
-def test_text_layout_freezes_mar_weights_and_aborts_after_k_nonfinite(data):
+def test_text_layout_freezes_mar_weights_and_aborts_after_k_nonfinite(data, launch):
     out = data / "stage1"
     spec = _spec(data, out, deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), train_mode="text_layout",
                  save_steps=2, max_nonfinite=3, hooks=dict(nan_at=[5, 6, 7]))
-    proc = _drive(0, spec, data, "stage1")
+    proc = _drive(launch, 0, spec, data, "stage1")
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses at step 4" in proc.stderr
     init, export = read_weights(str(data / "init.safetensors")), read_weights(str(out / EXPORT))
