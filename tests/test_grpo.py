@@ -201,6 +201,7 @@ def test_ar_chunks_split_the_selected_steps_across_backward_passes():
     with pytest.raises(ValueError, match="cannot fill 4 chunks"):
         chunk_of(ro, 3, 4)
 
+
 def test_a_rollout_in_use_survives_a_checkpoint():
     """The objective's state goes through torch.save / weights_only load; the restored objective's next
     update uses the same rollout, selection and reference means as the original's."""
@@ -364,6 +365,7 @@ def test_every_rl_flag_maps_to_the_rl_config():
     cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
     assert cfg.math_attention is False
     assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().math_attention is False
+
 
 def test_rl_detector_errors_come_before_any_rollout(shapes_run, tmp_path, capsys):
     from torchvision.models import resnet18

@@ -19,17 +19,17 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from structmar.attention import BOX, IMAGE, NULL, TEXT, apply_rope
+from structmar.attention import BOX, IMAGE, NULL, TEXT, apply_rope, cell_ranges
 from structmar.model import StructMAR, load_weights, patchify, read_weights
 from structmar.shards import ShardLoader
 
 
 def in_box(batch: dict, grid: int) -> torch.Tensor:
-    """(B, L) bool: the token's cell centre lies in one of the sample's boxes."""
-    centre = (torch.arange(grid) + 0.5) / grid
-    cy, cx = (c.reshape(-1) for c in torch.meshgrid(centre, centre, indexing="ij"))
-    b = batch["boxes"][..., None]  # (B, K, 4, 1)
-    inside = (cx >= b[:, :, 0]) & (cx <= b[:, :, 2]) & (cy >= b[:, :, 1]) & (cy <= b[:, :, 3])
+    """(B, L) bool: the token's cell lies in one of the sample's boxes, by the cell rule the layout bias uses."""
+    col0, row0, col1, row1 = cell_ranges(batch["boxes"], grid)[..., None, :].unbind(-1)  # (B, K, 1) each
+    cell = torch.arange(grid * grid)
+    row, col = cell // grid, cell % grid
+    inside = (col >= col0) & (col < col1) & (row >= row0) & (row < row1)  # (B, K, L)
     return (inside & batch["box_mask"].bool()[..., None]).any(1)
 
 
@@ -38,15 +38,17 @@ def attention_mass(model: StructMAR, batch: dict) -> dict[str, float]:
     """Mean attention of the masked image queries on each key kind, first decoder block, all tokens masked."""
     cfg = model.cfg
     tokens = patchify(batch["latents"])
-    mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
     cond = model.condition(batch)
-    x, kept = model.forward_encoder(tokens, mask, cond)
-    x = model.decoder_embed(x)
-    B, W = x.shape[0], x.shape[-1]
-    full = model.mask_token.expand(B, cfg.buffer_size + cfg.seq_len, W)
-    x = full.scatter(1, kept.unsqueeze(-1).expand(-1, -1, W), x) + model.decoder_pos_embed_learned
     block = model.decoder_blocks[0]
-    q, k, _ = block.attn.qkv(block.norm1(x)).reshape(B, x.shape[1], 3, cfg.num_heads, -1).permute(2, 0, 3, 1, 4)
+    seen = []  # the block's normalised input, as its attention sees it, from the model's own forward
+    handle = block.norm1.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        model.predict(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), cond)
+    finally:
+        handle.remove()
+    h = seen[0]
+    B, N, _ = h.shape
+    q, k, _ = block.attn.qkv(h).reshape(B, N, 3, cfg.num_heads, -1).permute(2, 0, 3, 1, 4)
     ctx = model._context(cond.table, cond)
     if ctx.sin is not None:
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
@@ -56,8 +58,8 @@ def attention_mass(model: StructMAR, batch: dict) -> dict[str, float]:
         logits = logits + ctx.bias.dense(lam, logits.dtype)
     weights = logits.softmax(-1)[:, :, cfg.buffer_size:]  # image queries (B, H, L, N)
     kind = cond.table.kind[:, None, None, :]
-    return {name: (weights * (kind == k)).sum(-1).mean().item()
-            for name, k in (("box", BOX), ("null", NULL), ("text", TEXT), ("image", IMAGE))}
+    return {name: (weights * (kind == kind_id)).sum(-1).mean().item()
+            for name, kind_id in (("box", BOX), ("null", NULL), ("text", TEXT), ("image", IMAGE))}
 
 
 @torch.no_grad()
