@@ -307,11 +307,15 @@ def _add_demo(sub) -> None:
     def run(args):
         import dataclasses
 
-        from structmar.demo import DemoConfig, run_demo
+        from structmar.demo import DemoConfig, DemoStopped, run_demo
 
         demo = DemoConfig(out=args.out, clip_path=args.clip_path, seed=args.seed)
         overrides = {k: getattr(args, k) for k in ("num_train", "eval_layouts") if getattr(args, k) is not None}
-        report = run_demo(dataclasses.replace(demo, **overrides))
+        try:
+            report = run_demo(dataclasses.replace(demo, **overrides))
+        except DemoStopped as stopped:
+            print(f"structmar demo: {stopped}", file=sys.stderr)
+            return 1
         print(f"structmar demo: report written to {report}")
 
     p.set_defaults(func=run)
@@ -337,11 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-        args.func(args)
+        rc = args.func(args)
     except (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
         print(f"structmar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("structmar: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0  # a command returns a non-zero status for an unfinished but resumable run

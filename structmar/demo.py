@@ -59,6 +59,17 @@ class DemoConfig:
 STAGES = ("stage0_mar", "stage1_text_layout", "stage2_full", "stage3_grpo")
 
 
+class DemoStopped(Exception):
+    """A stage was stopped by a signal (SIGTERM/SIGUSR1) and saved its checkpoint: the demo ends there, and
+    rerunning it continues from that checkpoint."""
+
+
+def _finished(name: str, summary) -> None:
+    if summary.preempted:
+        raise DemoStopped(f"stopped during {name} at step {summary.step} (checkpoint saved); rerun the same "
+                          "command to continue")
+
+
 def _say(message: str) -> None:
     print(f"structmar demo: {message}", flush=True)
 
@@ -162,8 +173,8 @@ def run_demo(demo: DemoConfig) -> str:
         sd = StructMAR(plain).state_dict()
         write_export(init, sd, sd, plain, {"note": "fresh plain MAR"})
     if not _stage_done(runs["stage0_mar"], demo.stage0_steps):
-        train(TrainConfig(**_train_args(demo, paths, runs["stage0_mar"], demo.stage0_steps, model=None,
-                                        resume=init, train_mode="full")))
+        _finished("stage0_mar", train(TrainConfig(**_train_args(demo, paths, runs["stage0_mar"], demo.stage0_steps,
+                                                                model=None, resume=init, train_mode="full"))))
     mar_file = os.path.join(runs["stage0_mar"], "checkpoint-last.pth")
     write_mar_checkpoint(os.path.join(runs["stage0_mar"], EXPORT), mar_file, epoch=demo.stage0_steps)
     timings["stage0_mar"] = time.time() - t
@@ -175,8 +186,8 @@ def run_demo(demo: DemoConfig) -> str:
                               ("stage2_full", "full", demo.stage2_steps)):
         t = time.time()
         if not _stage_done(runs[name], steps):
-            train(TrainConfig(**_train_args(demo, paths, runs[name], steps, model=demo.preset, resume=previous,
-                                            train_mode=mode)))
+            _finished(name, train(TrainConfig(**_train_args(demo, paths, runs[name], steps, model=demo.preset,
+                                                            resume=previous, train_mode=mode))))
         timings[name] = time.time() - t
         previous = os.path.join(runs[name], EXPORT)
         results[name] = _evaluate(demo, paths, previous, name)
@@ -192,7 +203,7 @@ def run_demo(demo: DemoConfig) -> str:
                          "batch_size": demo.rl_batch_size, "lr": demo.rl_lr, "log_every": 5},
                       detector="shapes", group_size=demo.rl_group_size, num_iter=demo.rl_num_iter,
                       temperature=demo.temperature, anchor_coef=demo.rl_anchor_coef)
-        run_rl(rl)
+        _finished(name, run_rl(rl))
     timings[name] = time.time() - t
     results[name] = _evaluate(demo, paths, os.path.join(runs[name], EXPORT), name)
 

@@ -2,12 +2,15 @@
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from structmar.config import model_config
-from structmar.demo import STAGES, DemoConfig, run_demo
+from structmar.demo import STAGES, DemoConfig, DemoStopped, run_demo
 from structmar.model import EXPORT, StructMAR, is_addition, load_weights, read_weights
 
 SMALL = dict(num_train=192, num_val=32, batch_size=32, stage0_steps=12, stage1_steps=6, stage2_steps=6, rl_steps=2,
@@ -17,6 +20,18 @@ SMALL = dict(num_train=192, num_val=32, batch_size=32, stage0_steps=12, stage1_s
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_a_rerun_continues(tmp_path):
     out = tmp_path / "demo"
+    # SIGTERM while stage 0 trains: the stage saves and the demo ends there (no later stage starts on an
+    # unfinished model); the rerun continues from the checkpoint
+    def terminate_once_training():
+        while not (out / "stage0_mar" / "tensorboard").is_dir():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_training, daemon=True).start()
+    with pytest.raises(DemoStopped, match="stopped during stage0_mar"):
+        run_demo(DemoConfig(out=str(out), **SMALL))
+    assert (out / "stage0_mar" / "checkpoints" / "latest").is_file() and not (out / "stage1_text_layout").exists()
+
     report = run_demo(DemoConfig(out=str(out), **SMALL))
     results = json.loads((out / "results.json").read_text())["results"]
     assert list(results) == list(STAGES)
