@@ -103,7 +103,10 @@ class LayoutBias:
     For image query i and BOX key j: 0 if i's cell lies in box j, else penalised. Penalised means
     -lambda_h (mode "soft", lambda >= 0 per head, passed per layer) or -inf (mode "hard").
     layout_to_image "box" applies the same rule to a BOX query's image keys ("open": no bias);
-    penalise_text / penalise_null extend the penalty to image queries' TEXT / NULL keys.
+    penalise_text / penalise_null extend the penalty to image queries' TEXT / NULL keys. `bonus` > 0
+    adds +bonus to an image query's logits on the layout tokens whose box covers it, so image tokens
+    preferentially attend to their own layout tokens from the first step (without it a covering layout
+    token starts with one share of ~120 keys, and a short run never learns to read it).
     PAD keys are always excluded (a PAD query sees only itself, so no row is ever empty).
     Rows never become all -inf: image queries always see the image and text tokens, buffer
     queries always see the buffer.
@@ -114,6 +117,7 @@ class LayoutBias:
     layout_to_image: str = "box"  # box | open
     penalise_text: bool = False
     penalise_null: bool = False
+    bonus: float = 0.0
 
     def _inside(self, b, img, box):
         t = self.table
@@ -133,6 +137,11 @@ class LayoutBias:
         if self.penalise_null:
             out = out | (q_img & (kk == NULL))
         return out
+
+    def preferred(self, b, q, kv):
+        """True where an image query meets a BOX key whose box covers it (where the bonus applies)."""
+        t = self.table
+        return (t.kind[b, q] == IMAGE) & (t.kind[b, kv] == BOX) & self._inside(b, q, kv)
 
     def valid(self, b, q, kv):
         """False for PAD keys (a PAD query keeps its own key)."""
@@ -157,6 +166,8 @@ class LayoutBias:
         bias = torch.where(self.allowed(b, q, kv), torch.zeros((), device=dev, dtype=dtype), neg_inf)[:, None]
         if self.mode == "soft":
             bias = bias - lam.to(dtype)[None, :, None, None] * self.penalised(b, q, kv)[:, None].to(dtype)
+        if self.bonus:
+            bias = bias + self.bonus * self.preferred(b, q, kv)[:, None].to(dtype)
         return bias
 
 
@@ -221,17 +232,20 @@ def flex_attention(q, k, v, bias: LayoutBias | None = None, lam=None, key_mask=N
             raise ValueError("the layout bias applies to self-attention only")
         # captured tables must be plain contiguous inputs for the CPU kernel (unbind views are strided)
         table = TokenTable(*(t.contiguous() for t in bias.table.pad(q_len).fields()))
-        rule = LayoutBias(table, bias.mode, bias.layout_to_image, bias.penalise_text,
-                          bias.penalise_null)
+        rule = dataclasses.replace(bias, table=table)
 
         def mask_mod(b, h, qi, ki):
             return rule.allowed(b, qi, ki)
 
-        if rule.mode == "soft":
-            lam_f = lam.to(torch.float32)
+        lam_f = lam.to(torch.float32) if rule.mode == "soft" else None
+        if lam_f is not None or rule.bonus:
 
-            def score_mod(score, b, h, qi, ki):
-                return score - lam_f[h] * rule.penalised(b, qi, ki).to(score.dtype)
+            def score_mod(score, b, h, qi, ki):  # the branches are fixed per call: traced once
+                if lam_f is not None:
+                    score = score - lam_f[h] * rule.penalised(b, qi, ki).to(score.dtype)
+                if rule.bonus:
+                    score = score + rule.bonus * rule.preferred(b, qi, ki).to(score.dtype)
+                return score
     else:
         keys = torch.ones(B, kv_len, dtype=torch.bool, device=q.device)
         keys[:, n_kv:] = False

@@ -356,7 +356,8 @@ class StructMAR(nn.Module):
         if cfg.rope:
             ctx.sin, ctx.cos = self.rope_sin[table.cell], self.rope_cos[table.cell]  # (B, N, head_dim)
         if cfg.layout and cfg.layout_bias != "none":
-            ctx.bias = LayoutBias(table, cfg.layout_bias, cfg.layout_to_image, cfg.bias_text_slot, cfg.bias_null_slots)
+            ctx.bias = LayoutBias(table, cfg.layout_bias, cfg.layout_to_image, cfg.bias_text_slot, cfg.bias_null_slots,
+                                  cfg.layout_bias_bonus)
         return ctx
 
     def _run(self, blocks, x, ctx):

@@ -121,6 +121,30 @@ def test_soft_bias_is_minus_lambda_outside():
     assert torch.allclose(ratio, torch.exp(torch.tensor(-1.5)), atol=1e-5)
 
 
+def test_bonus_raises_only_the_covering_layout_tokens():
+    table = make_table([[0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 1.0, 0.5]], num_null=1)
+    inside_both, inside_second, below = 4 + 1, 4 + 3, 4 + 8  # image cells (0, 1), (0, 3), (2, 0)
+    for mode, lam in (("soft", torch.tensor([0.0, 1.5])), ("hard", None)):
+        plain = LayoutBias(table, mode=mode).dense(lam, torch.float32)
+        raised = LayoutBias(table, mode=mode, bonus=3.0).dense(lam, torch.float32)
+        assert raised.isinf().equal(plain.isinf())  # the bonus never lifts a hard -inf
+        delta = (raised - plain).nan_to_num(0.0)
+        assert delta.unique().tolist() == [0.0, 3.0]
+        assert (delta[0, :, inside_both, 1:3] == 3.0).all()
+        assert (delta[0, :, inside_second, 1:3] == torch.tensor([0.0, 3.0])).all()
+        assert (delta[0, :, below] == 0).all()  # no box covers it
+        assert (delta[0, :, :4] == 0).all()  # buffer queries are never raised
+    # with a fixed bonus a covering layout token gets exp(bonus) times its unbiased weight relative to the image keys
+    N = table.kind.shape[1]
+    q, k = torch.randn(2, 1, 2, N, 8, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(N).expand(1, 2, N, N)
+    w = sdpa_attention(q, k, eye, bias=LayoutBias(table, mode="hard", bonus=3.0))
+    w0 = sdpa_attention(q, k, eye, bias=LayoutBias(table, mode="hard"))
+    odds = lambda weights: weights[0, :, inside_second, 2] / weights[0, :, inside_second, 6]  # 2nd layout token vs image cell 2
+    ratio = odds(w) / odds(w0)
+    assert torch.allclose(ratio, torch.exp(torch.tensor(3.0)), atol=1e-5)
+
+
 def test_pad_tokens_are_excluded():
     table = make_table([[0.0, 0.0, 0.5, 0.5]]).pad(30)
     assert table.kind[0, -1] == PAD
@@ -140,11 +164,11 @@ def test_flex_forward_matches_sdpa_on_cpu():
     N = table.kind.shape[1]
     q, k, v = torch.randn(3, B, H, N, D)
     lam = torch.tensor([0.5, 2.0])
-    for mode in ("soft", "hard"):
-        bias = LayoutBias(table, mode=mode, penalise_null=True)
+    for mode, bonus in (("soft", 0.0), ("hard", 0.0), ("soft", 2.5), ("hard", 2.5)):
+        bias = LayoutBias(table, mode=mode, penalise_null=True, bonus=bonus)
         ref = sdpa_attention(q, k, v, bias=bias, lam=lam)
         out = flex_attention(q, k, v, bias=bias, lam=lam)
-        assert (out - ref).abs().max() <= 1e-5, mode
+        assert (out - ref).abs().max() <= 1e-5, (mode, bonus)
     key_mask = torch.tensor([[True] * 5 + [False] * 2, [True] * 7])
     kt, vt = torch.randn(2, B, H, 7, D)
     ref = sdpa_attention(q, kt, vt, key_mask=key_mask)
