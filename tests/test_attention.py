@@ -140,7 +140,7 @@ def test_bonus_raises_only_the_covering_layout_tokens():
     eye = torch.eye(N).expand(1, 2, N, N)
     w = sdpa_attention(q, k, eye, bias=LayoutBias(table, mode="hard", bonus=3.0))
     w0 = sdpa_attention(q, k, eye, bias=LayoutBias(table, mode="hard"))
-    odds = lambda weights: weights[0, :, inside_second, 2] / weights[0, :, inside_second, 6]  # 2nd layout token vs image cell 2
+    odds = lambda weights: weights[0, :, inside_second, 2] / weights[0, :, inside_second, 6]  # layout token 2 : cell 2
     ratio = odds(w) / odds(w0)
     assert torch.allclose(ratio, torch.exp(torch.tensor(3.0)), atol=1e-5)
 
