@@ -48,6 +48,7 @@ class ModelConfig:
     diffusion_batch_mul: int = 4
     num_sampling_steps: int = 100
     clip_denoised: bool = True  # sampling clamps the predicted x_0 to the tokenizer's data range, where known
+    noise_shift: float = 1.0  # the head's schedule with SNR / noise_shift^2 (1: MAR's; see diffusion.cosine_betas)
 
     # StructMAR additions (all off = numerically MAR)
     rope: bool = True
@@ -106,6 +107,8 @@ class ModelConfig:
             raise ValueError(f"max_objects {self.max_objects} must lie in [0, {self.buffer_size - 1}]")
         if self.layout_bias not in LAYOUT_BIAS_MODES:
             raise ValueError(f"layout_bias {self.layout_bias!r} is not one of {LAYOUT_BIAS_MODES}")
+        if self.noise_shift <= 0:
+            raise ValueError(f"noise_shift {self.noise_shift} must be > 0")
         if self.layout_bias_bonus < 0:
             raise ValueError(f"layout_bias_bonus {self.layout_bias_bonus} must be >= 0")
         if self.attention not in ATTENTION_BACKENDS:

@@ -29,11 +29,17 @@ TRAIN_STEPS = 1000
 # ---------------------------------------------------------------------------------------------
 
 
-def cosine_betas(num_steps: int = TRAIN_STEPS, max_beta: float = 0.999) -> torch.Tensor:
-    """Betas of the cosine schedule (alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)), float64."""
+def cosine_betas(num_steps: int = TRAIN_STEPS, max_beta: float = 0.999, shift: float = 1.0) -> torch.Tensor:
+    """Betas of the cosine schedule (alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)), float64.
+
+    `shift` s > 1 divides the signal-to-noise ratio at every t by s^2 (alpha_bar -> abar / (abar + s^2 (1 - abar)),
+    the resolution shift of "simple diffusion"): for tokens whose channels repeat one value (a flat pixel patch
+    of p x p pixels: s ~ p), noisy tokens still reveal that value, and only the shifted schedule leaves enough of
+    the chain where the head must take it from the backbone's condition. s = 1 is MAR's schedule."""
 
     def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        a = math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return a / (a + shift**2 * (1.0 - a))
 
     betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float64, device="cpu")
@@ -78,9 +84,9 @@ class Schedule:
         return len(self.betas)
 
     @classmethod
-    def cosine(cls, num_sampling_steps: int | None = None) -> Schedule:
-        """The 1000-step cosine schedule, or its respacing to `num_sampling_steps` kept steps."""
-        betas = cosine_betas(TRAIN_STEPS)
+    def cosine(cls, num_sampling_steps: int | None = None, shift: float = 1.0) -> Schedule:
+        """The 1000-step cosine schedule (SNR / shift^2), or its respacing to `num_sampling_steps` kept steps."""
+        betas = cosine_betas(TRAIN_STEPS, shift=shift)
         if num_sampling_steps is None or num_sampling_steps == TRAIN_STEPS:
             return cls(betas, torch.arange(TRAIN_STEPS, device="cpu"))
         kept = spaced_timesteps(TRAIN_STEPS, num_sampling_steps)
@@ -271,7 +277,7 @@ class DiffLoss(nn.Module):
     """The per-token diffusion head: `forward` is the training loss, `sample` the reverse chain."""
 
     def __init__(self, token_channels: int, z_channels: int, depth: int, width: int, num_sampling_steps: int,
-                 grad_checkpointing: bool = False, clip_denoised: float | None = None):
+                 grad_checkpointing: bool = False, clip_denoised: float | None = None, noise_shift: float = 1.0):
         super().__init__()
         self.token_channels = token_channels
         # Sampling clamps the implied x_0 to the data range where it is known. The cosine schedule's first
@@ -280,8 +286,9 @@ class DiffLoss(nn.Module):
         # saturates its samples without the clamp. Training is unaffected.
         self.clip_denoised = clip_denoised
         self.net = AdaLNMLP(token_channels, width, z_channels, depth, grad_checkpointing)
-        self.train_schedule = Schedule.cosine()
-        self.sample_schedule = Schedule.cosine(num_sampling_steps)
+        self.noise_shift = noise_shift
+        self.train_schedule = Schedule.cosine(shift=noise_shift)
+        self.sample_schedule = Schedule.cosine(num_sampling_steps, noise_shift)
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Noise MSE + variational bound (variance only), averaged over tokens where mask is 1.

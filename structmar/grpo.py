@@ -118,7 +118,7 @@ def rollout_schedule(head: DiffLoss, num_steps: int | None):
         yield
         return
     saved = head.sample_schedule
-    head.sample_schedule = Schedule.cosine(num_steps)
+    head.sample_schedule = Schedule.cosine(num_steps, head.noise_shift)
     try:
         yield
     finally:

@@ -277,7 +277,8 @@ class StructMAR(nn.Module):
 
         self.diffloss = DiffLoss(C, W, cfg.diffusion_depth, cfg.diffusion_width, cfg.num_sampling_steps,
                                  cfg.grad_checkpointing,  # initialises itself (AdaLN-Zero)
-                                 clip_denoised=cfg.data_range if cfg.clip_denoised else None)
+                                 clip_denoised=cfg.data_range if cfg.clip_denoised else None,
+                                 noise_shift=cfg.noise_shift)
 
     def initialize_weights(self):
         for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,

@@ -29,6 +29,26 @@ def test_cosine_schedule_and_respacing():
     assert torch.allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps], rtol=1e-10)
 
 
+def test_shifted_schedule_divides_the_snr_everywhere():
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    shifted = lambda t: abar(t) / (abar(t) + 16 * (1 - abar(t)))
+    plain, full = Schedule.cosine(), Schedule.cosine(shift=4.0)
+    assert abs(full.alphas_cumprod[499].item() - shifted(0.5) / shifted(0.0)) < 1e-9
+    snr = lambda a: a / (1 - a)
+    ratio = snr(full.alphas_cumprod[10:980]) / snr(plain.alphas_cumprod[10:980])
+    assert torch.allclose(ratio, torch.full_like(ratio, 1 / 16), rtol=5e-3)  # up to each schedule's abar(0)
+    spaced = Schedule.cosine(25, shift=4.0)
+    assert torch.allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps], rtol=1e-10)
+    # the head trains and samples on its shifted schedule, also when GRPO respaces its rollouts
+    from structmar.grpo import rollout_schedule
+
+    head = DiffLoss(6, 12, depth=2, width=32, num_sampling_steps=25, noise_shift=4.0)
+    assert torch.equal(head.train_schedule.alphas_cumprod, full.alphas_cumprod)
+    assert torch.equal(head.sample_schedule.alphas_cumprod, spaced.alphas_cumprod)
+    with rollout_schedule(head, 10):
+        assert torch.equal(head.sample_schedule.alphas_cumprod, Schedule.cosine(10, shift=4.0).alphas_cumprod)
+
+
 def test_loss_is_finite_and_trains_every_part():
     head = randomised_head()
     target, z = torch.randn(64, 6) * 0.5, torch.randn(64, 12, requires_grad=True)
