@@ -138,10 +138,12 @@ PRESETS: dict[str, dict] = {
     # the CPU demo's model (~2M): one diffusion sample per token, 25 sampling steps and no dropout (a quarter
     # of a CPU step, and no use in minutes-long runs) keep training near 100 images/s and sampling at a
     # fraction of a second per image on 2 cores. The hard bias with null slots penalised and a +4 bonus on
-    # the covering layout tokens is what makes a few hundred steps put content inside the boxes (README)
+    # the covering layout tokens is what makes a few hundred steps put content inside the boxes, and the noise
+    # shift 4 (= the 4-pixel patch side: a flat patch repeats each colour 16 times) what makes the head take
+    # the colour from the backbone (README)
     "small": dict(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=3, diffusion_width=128,
                   diffusion_batch_mul=1, num_sampling_steps=25, attn_dropout=0.0, proj_dropout=0.0,
-                  layout_bias="hard", bias_null_slots=True, layout_bias_bonus=4.0),
+                  layout_bias="hard", bias_null_slots=True, layout_bias_bonus=4.0, noise_shift=4.0),
     "mar_base": dict(_MAR, width=768, encoder_depth=12, decoder_depth=12, num_heads=12,
                      diffusion_depth=6, diffusion_width=1024),
     "mar_large": dict(_MAR, width=1024, encoder_depth=16, decoder_depth=16, num_heads=16,

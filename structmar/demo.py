@@ -45,6 +45,7 @@ class DemoConfig:
     stage2_steps: int = 200
     rl_steps: int = 4
     lr: float = 2e-3  # stages 0-2 (a small model trained briefly; MAR-H uses blr 1e-4 / 2e-5)
+    ema_rate: float = 0.95  # a few hundred steps per stage: 0.99 still lagged the weights after stage 2's 200
     rl_lr: float = 1e-5
     rl_batch_size: int = 4
     rl_group_size: int = 4
@@ -132,7 +133,7 @@ def _train_args(demo: DemoConfig, paths: dict, run_dir: str, steps: int, **kw) -
     return dict(output_dir=run_dir, data=paths["shards"], coco_split="train2014", batch_size=demo.batch_size,
                 epochs=10_000, max_steps=steps, warmup_epochs=0.0, lr=demo.lr, device="cpu", precision="fp32",
                 deepspeed_config=paths["ds_config"], num_workers=0, log_every=25, save_steps=0, sample_every=0,
-                seed=demo.seed, ema_rate=0.99, save_last_freq=10_000, **kw)
+                seed=demo.seed, ema_rate=demo.ema_rate, save_last_freq=10_000, **kw)
 
 
 def run_demo(demo: DemoConfig) -> str:
