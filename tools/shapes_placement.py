@@ -22,24 +22,25 @@ import numpy as np
 from PIL import Image
 
 from structmar.coco import CocoLayouts
-from structmar.shapes import COLOURS
+from structmar.shapes import CATEGORY_BY_ID, COLOURS
 
 SATURATED = 0.25
 
 
-def placement(pairs, colour_names: list[str]) -> dict[str, float]:
+def placement(pairs) -> dict[str, float]:
     """pairs: (layout, image (S, S, 3) floats in [0, 1]) -> the three shares."""
-    ref = np.array([COLOURS[n][0] for n in colour_names], dtype=np.float64) / 255
+    names = list(COLOURS)
+    ref = np.array([COLOURS[n][0] for n in names], dtype=np.float64) / 255
     inside = inside_obj = outside = outside_obj = single = correct = 0
     for layout, image in pairs:
         size = image.shape[0]
         obj = image.max(-1) - image.min(-1) > SATURATED
         cover = np.zeros((size, size), dtype=np.int64)
         colour = np.full((size, size), -1)
-        for box, tag in zip(layout.boxes, layout.tags):
+        for box, category in zip(layout.boxes, layout.category_ids):
             x0, y0, x1, y1 = (np.asarray(box) * size).round().astype(int)
             cover[y0:y1, x0:x1] += 1
-            colour[y0:y1, x0:x1] = colour_names.index(tag.split()[0])
+            colour[y0:y1, x0:x1] = names.index(CATEGORY_BY_ID[int(category)].colour)
         boxed = cover > 0
         inside, inside_obj = inside + boxed.sum(), inside_obj + (obj & boxed).sum()
         outside, outside_obj = outside + (~boxed).sum(), outside_obj + (obj & ~boxed).sum()
@@ -67,11 +68,10 @@ def main() -> None:
         layout = by_id[int(os.path.basename(path).rsplit(".", 1)[0].split("_")[1])]
         generated.append((layout, np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255))
         real.append((layout, coco.image(layout).astype(np.float64) / 255))
-    names = list(COLOURS)
     print(f"{len(files)} samples of {args.eval_dir}\n\n| | saturated share in boxes | outside boxes | "
           "colour-correct in boxes |\n| --- | --- | --- | --- |")
     for label, pairs in (("generated", generated), ("real", real)):
-        s = placement(pairs, names)
+        s = placement(pairs)
         print(f"| {label} | {s['in_boxes']:.3f} | {s['outside']:.3f} | {s['colour_correct']:.3f} |")
 
 
