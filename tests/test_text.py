@@ -79,3 +79,20 @@ def test_word_merges_make_known_words_single_tokens(tmp_path):
     encoder = TextEncoder.from_pretrained(str(tmp_path / "words"))
     tokens, mask, pooled = encoder.encode([caption])
     assert mask.sum() == 6 + 2 + len(plain.tokenize("above")) - 1  # start and end tokens around the words
+
+
+def test_centring_fits_the_final_norm_to_the_given_texts(clip_dir, tmp_path):
+    tags = ["red circle", "blue circle", "red square", "green triangle", "yellow square"]
+    plain = TextEncoder.from_pretrained(clip_dir)
+    path = write_random_clip(str(tmp_path / "centred"), seed=0, size="tiny", centre_on=tags + tags[:2])
+    centred = TextEncoder.from_pretrained(path)  # the fit is in the saved weights, in CLIP's format
+    before, after = plain.encode_tags(tags), centred.encode_tags(tags)
+    assert torch.allclose(after.mean(0), torch.zeros(32), atol=1e-4)
+    assert after.std(0).mean().item() == pytest.approx(1.0, abs=1e-4)
+    # one shift and one scale of the pooled features: everything else of the random model is unchanged
+    scale = before.std(0).mean() / after.std(0).mean()
+    assert torch.allclose(after * scale, before - before.mean(0), atol=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(after[0], after[1], dim=0)
+    assert cosine < torch.nn.functional.cosine_similarity(before[0], before[1], dim=0)
+    with pytest.raises(ValueError, match="at least 2 distinct texts"):
+        write_random_clip(str(tmp_path / "one"), seed=0, size="tiny", centre_on=["red circle"] * 3)
