@@ -91,6 +91,9 @@ def _add_stage_flags(p, d) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
     p.add_argument("--ema_rate", type=float, default=d.ema_rate)
+    p.add_argument("--init_ema", action="store_true",
+                   help="a fresh run starts from the --resume file's EMA weights (model_ema), the weights a stage's "
+                        "evaluation scores, instead of its raw ones")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--deepspeed_config", default=d.deepspeed_config, help="ZeRO json (ds_configs/)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)

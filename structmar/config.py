@@ -135,14 +135,15 @@ class ModelConfig:
 _MAR = dict(tokenizer="kl16", image_size=256)
 PRESETS: dict[str, dict] = {
     "tiny": dict(width=64, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=2, diffusion_width=128),
-    # the CPU demo's model (~2M): one diffusion sample per token, 25 sampling steps and no dropout (a quarter
-    # of a CPU step, and no use in minutes-long runs) keep training near 100 images/s and sampling at a
-    # fraction of a second per image on 2 cores. The hard bias with null slots penalised and a +4 bonus on
-    # the covering layout tokens is what makes a few hundred steps put content inside the boxes, and the noise
-    # shift 4 (= the 4-pixel patch side: a flat patch repeats each colour 16 times) what makes the head take
-    # the colour from the backbone (README)
+    # the CPU demo's model (~2M): one diffusion sample per token, 25 sampling steps, no dropout (a quarter
+    # of a CPU step, and no use in minutes-long runs) and a 24-slot buffer (1 caption + 16 boxes + 7 null;
+    # MAR's 64 made the encoder's sequence mostly null slots and a step 1.5x slower) keep training near 100
+    # images/s and sampling at a fraction of a second per image on 2 cores. The hard bias with null slots
+    # penalised and a +4 bonus on the covering layout tokens is what makes a few hundred steps put content
+    # inside the boxes, and the noise shift 4 (= the 4-pixel patch side: a flat patch repeats each colour 16
+    # times) what makes the head take the colour from the backbone (README)
     "small": dict(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=3, diffusion_width=128,
-                  diffusion_batch_mul=1, num_sampling_steps=25, attn_dropout=0.0, proj_dropout=0.0,
+                  diffusion_batch_mul=1, num_sampling_steps=25, attn_dropout=0.0, proj_dropout=0.0, buffer_size=24,
                   layout_bias="hard", bias_null_slots=True, layout_bias_bonus=4.0, noise_shift=4.0),
     "mar_base": dict(_MAR, width=768, encoder_depth=12, decoder_depth=12, num_heads=12,
                      diffusion_depth=6, diffusion_width=1024),
@@ -185,6 +186,7 @@ class TrainConfig:
     diffloss_d: int | None = None  # diffusion head depth; None keeps the preset's
     diffloss_w: int | None = None  # diffusion head width; None keeps the preset's
     resume: str | None = None  # MAR weights, a stage export, or a checkpoint directory
+    init_ema: bool = False  # a fresh run starts from the --resume file's EMA weights (model_ema), not its raw ones
     train_mode: str = "full"  # text_layout: only StructMAR's new modules train; full: everything
     batch_size: int = 16  # per rank
     grad_accum: int = 1

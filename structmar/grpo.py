@@ -572,7 +572,8 @@ class GRPOStage:
         c = self.cfg
         tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=c.vae_path, pixel_patch=model_cfg.pixel_patch)
         path = os.path.abspath(resolve_weights_path(c.resume))
-        reference = ReferencePolicy.from_state_dict(model_cfg, read_weights(path).model, device=c.ref_device)
+        reference = ReferencePolicy.from_state_dict(model_cfg, read_weights(path).select(ema=c.init_ema),
+                                                    device=c.ref_device)
         self.model_cfg = model_cfg
         self.reference_source = {"path": path, "sha256": reference.digest()}
         self.objective = GRPOObjective(self.settings(), tokenizer.eval(), self.reward_fn, reference,

@@ -10,7 +10,8 @@ Resume rules (`--resume`):
     data position, RNG, an objective's own state), also when --resume is not given (a preempted job
     reruns the same command);
   - a weights file (MAR `.pth`/`.safetensors`, or a stage export `checkpoint-last.safetensors`), or
-    another run's directory (its export is used): initialise the weights from it, start at step 0.
+    another run's directory (its export is used): initialise the weights from it (its EMA weights with
+    --init_ema), start at step 0.
 """
 
 from __future__ import annotations
@@ -227,12 +228,15 @@ def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -
     model = (build_model or StructMAR)(model_cfg)
     log_lines = []
     if weights is not None:
-        report = load_weights(model, weights.model)
+        if cfg.init_ema and weights.ema is None:
+            raise ValueError(f"--init_ema: --resume {start.weights_path} holds no EMA weights (model_ema)")
+        report = load_weights(model, weights.select(ema=cfg.init_ema))
         backbone_missing = [n for n in report.missing if not is_addition(n)]
         if stage == "text_layout" and backbone_missing:
             raise ValueError(f"--resume {start.weights_path} lacks {len(backbone_missing)} backbone weights "
                              f"(e.g. {backbone_missing[:3]}); text_layout would train on a random frozen backbone")
-        log_lines.append(f"initialised from {start.weights_path}: {len(report.missing)} missing "
+        log_lines.append(f"initialised from {start.weights_path}{' (EMA)' if cfg.init_ema else ''}: "
+                         f"{len(report.missing)} missing "
                          f"({len(report.missing) - len(backbone_missing)} structmar additions), "
                          f"{len(report.unexpected)} unexpected {report.unexpected[:4]}")
     for name, p in model.named_parameters():

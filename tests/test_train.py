@@ -272,3 +272,20 @@ def test_text_layout_freezes_mar_weights_and_aborts_after_k_nonfinite(data, laun
         assert torch.equal(export.model[name], init.model[name]), name
         assert torch.equal(export.ema[name], init.model[name]), name
     assert any(not torch.equal(export.model[n], init.model[n]) for n in added)
+
+
+def test_init_ema_starts_a_stage_from_the_resume_files_ema_weights(data, launch):
+    init = read_weights(str(data / "init.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    ema = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+           for k, v in init.model.items()}
+    write_export(str(data / "init_ema.safetensors"), init.model, ema, MODEL)
+    out = data / "stage1_ema"
+    spec = _spec(data, out, resume=str(data / "init_ema.safetensors"), deepspeed_config=str(REPO / "ds_configs" /
+                 "zero2.json"), train_mode="text_layout", max_steps=2, init_ema=True)
+    proc = _drive(launch, 0, spec, data, "stage1_ema")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = read_weights(str(out / EXPORT))
+    frozen = [n for n in init.model if not is_addition(n)]
+    assert all(torch.equal(export.model[n], ema[n]) for n in frozen)  # the frozen backbone is the EMA's
+    assert not any(torch.equal(export.model[n], init.model[n]) for n in frozen if init.model[n].is_floating_point())
