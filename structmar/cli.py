@@ -238,7 +238,7 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run)
 
 def _add_rl(sub) -> None:
-    from structmar.config import DETECTOR_KINDS, SIGMA_MODES, RLConfig
+    from structmar.config import CREDITS, DETECTOR_KINDS, SIGMA_MODES, RLConfig
 
     d = RLConfig(resume="-")
     p = sub.add_parser("rl", help="stage 3: GRPO with detector rewards (the training loop of stages 1-2)",
@@ -287,6 +287,13 @@ def _add_rl(sub) -> None:
     p.add_argument("--anchor_coef", type=float, default=d.anchor_coef,
                    help="weight of the supervised loss kept as an anchor (0: off)")
     p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
+    p.add_argument("--credit", default=d.credit, choices=CREDITS,
+                   help="image: every token of a rollout gets its image's advantage; box: each box's reward is "
+                        "normalised within its group and given to the tokens its cells cover (the image's "
+                        "advantage where no box covers a token)")
+    p.add_argument("--shared_orders", action=argparse.BooleanOptionalAction, default=d.shared_orders,
+                   help="the rollouts of a group share one generation order, so their rewards differ only "
+                        "through the policy's own draws")
     p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
                    help="where the frozen reference computes (it is stored on the CPU either way)")
     p.add_argument("--math_attention", action=argparse.BooleanOptionalAction, default=d.math_attention,

@@ -259,6 +259,7 @@ class TrainConfig:
 # ---- stage 3: GRPO with detector rewards ----------------------------------------------------------
 DETECTOR_KINDS = ("torchvision_frcnn", "hf", "shapes")
 SIGMA_MODES = ("exclude", "floor")
+CREDITS = ("image", "box")  # how GRPO assigns advantages to tokens
 
 
 @dataclass
@@ -296,6 +297,8 @@ class RLConfig(TrainConfig):
     sigma_mode: str = "exclude"
     inner_steps: int = 1  # optimizer steps per rollout
     anchor_coef: float = 0.0  # weight of the supervised loss kept as an anchor
+    credit: str = "image"  # image: a token's advantage is its image's; box: that of the boxes covering it
+    shared_orders: bool = False  # the rollouts of a group share one generation order
     train_head: bool = False
     ref_device: str = "cpu"
     # attention through SDPA uses its math kernel in rollouts and recomputation, so an update's first
@@ -307,6 +310,8 @@ class RLConfig(TrainConfig):
         super().validate()
         if self.detector not in DETECTOR_KINDS:
             raise ValueError(f"detector {self.detector!r} is not one of {DETECTOR_KINDS}")
+        if self.credit not in CREDITS:
+            raise ValueError(f"credit {self.credit!r} is not one of {CREDITS}")
         if self.sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} is not one of {SIGMA_MODES}")
         if self.ref_device not in ("cpu", "cuda") or (self.ref_device == "cuda" and self.device != "cuda"):

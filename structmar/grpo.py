@@ -5,7 +5,9 @@ One GRPO step on a batch of layouts and captions:
      (`sample.sample_latents(record=True)`), optionally on a shorter respaced diffusion schedule;
   2. reward: the latents are decoded and scored through a reward function (images in [0, 1] and the
      grouped batch -> rewards (N,) and named components), e.g. `layout_reward` over `structmar.reward`;
-  3. advantages: rewards normalised within each group; a group whose rewards are all equal gets 0;
+  3. advantages: rewards normalised within each group; a group whose rewards are all equal gets 0. With
+     credit="box" each box's own reward is normalised within its group and given to the tokens it covers;
+     with shared_orders the rollouts of a group share their generation order;
   4. update: a transition is one denoising step of one generated token, a Gaussian
      N(x_{t-1}; mu_theta(x_t, t, z), sigma^2) with sigma as used at rollout (learned std x temperature).
      At a random `rl_step_ratio` share of the AR steps, z is recomputed with gradient from the tokens the
@@ -38,13 +40,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from structmar.config import RLConfig
+from structmar.config import CREDITS, RLConfig
 from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
-from structmar.model import StructMAR, patchify
+from structmar.model import StructMAR, patchify, sample_orders
 from structmar.sample import ARStep, sample_latents
 
 RewardFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SIGMA_MODES = ("exclude", "floor")
+# a reward function may also return, under this key of its components, each box slot's own reward (N, K)
+# (aligned with the batch's box_mask; 0 at padding): what `credit="box"` assigns to the tokens of each box
+BOX_REWARDS = "per_box"
 
 
 # ---- batches and groups ---------------------------------------------------------------------------
@@ -76,6 +81,36 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     return torch.where(std > eps, adv, torch.zeros_like(adv)).reshape(-1)
 
 
+def box_credit_advantages(box_rewards: torch.Tensor, box_mask: torch.Tensor, boxes: torch.Tensor,
+                          image_advantages: torch.Tensor, group_size: int, grid_size: int,
+                          eps: float = 1e-6) -> torch.Tensor:
+    """Per-token advantages (N, L) from each box's own reward: credit where the box's tokens are.
+
+    Box slot k of a group holds the same box in every rollout (the layout is repeated), so its rewards
+    (N, K) are normalised within the group like image rewards (0 where they are all equal, and at padding).
+    A token takes the mean advantage of the boxes whose cells cover it (the cells of the layout bias) and
+    the image's advantage where no box covers it. An image's reward mixes the outcomes of all its boxes;
+    this gives each box's tokens the outcome of their own box alone.
+    """
+    from structmar.attention import cell_ranges
+
+    N, K = box_rewards.shape
+    real = box_mask.bool().cpu()
+    r = box_rewards.float().cpu().reshape(-1, group_size, K)
+    std = r.std(1, unbiased=False, keepdim=True)
+    adv = ((r - r.mean(1, keepdim=True)) / std.clamp(min=eps)).reshape(N, K)
+    adv = torch.where((std > eps).expand(-1, group_size, -1).reshape(N, K) & real, adv, torch.zeros_like(adv))
+    cells = cell_ranges(boxes.float().cpu(), grid_size)  # (N, K, 4) [col0, row0, col1, row1)
+    idx = torch.arange(grid_size)
+    rows, cols = idx.repeat_interleave(grid_size), idx.repeat(grid_size)  # (L,) row-major tokens
+    covers = ((cols[None, :, None] >= cells[:, None, :, 0]) & (cols[None, :, None] < cells[:, None, :, 2])
+              & (rows[None, :, None] >= cells[:, None, :, 1]) & (rows[None, :, None] < cells[:, None, :, 3])
+              & real[:, None, :])  # (N, L, K)
+    count = covers.sum(-1)
+    token_adv = (covers * adv[:, None, :]).sum(-1) / count.clamp(min=1)
+    return torch.where(count > 0, token_adv, image_advantages.float().cpu()[:, None])
+
+
 def layouts_of(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (boxes normalised xyxy (K, 4), category ids (K,)) of each row's real boxes."""
     out = []
@@ -86,12 +121,18 @@ def layouts_of(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def layout_reward(detector, weights) -> RewardFn:
-    """The detector reward of `structmar.reward` behind the reward-function interface."""
-    from structmar.reward import layout_rewards
+    """The detector reward of `structmar.reward` behind the reward-function interface, with each box's
+    own reward under BOX_REWARDS."""
+    from structmar.reward import layout_box_rewards
 
     def reward(images: torch.Tensor, batch: dict):
         detections = detector(images)
-        return layout_rewards(detections, layouts_of(batch), tuple(images.shape[-2:]), weights)
+        rewards, components, per_box = layout_box_rewards(detections, layouts_of(batch), tuple(images.shape[-2:]),
+                                                          weights)
+        mask = batch["box_mask"].bool().cpu()
+        slots = torch.zeros(mask.shape, dtype=torch.float32)
+        slots[mask] = torch.cat(per_box)  # layouts_of keeps each row's real boxes in slot order
+        return rewards, {**components, BOX_REWARDS: slots}
 
     return reward
 
@@ -146,6 +187,7 @@ class Rollout:
     components: dict[str, torch.Tensor]
     advantages: torch.Tensor  # (N,)
     cfg_scale: float
+    token_advantages: torch.Tensor | None = None  # (N, L) with credit="box"; None: each token has its image's
     selection: Selection | None = None
     old_log_probs: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k)
     sigmas: list[torch.Tensor] = field(default_factory=list)  # per selected AR step: (S_sel, n_k, C)
@@ -178,23 +220,45 @@ def rollout_from_state(state: dict) -> Rollout:
 @torch.no_grad()
 def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, group_size: int, num_iter: int,
             cfg: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
-            num_steps: int | None = None, generator: torch.Generator | None = None) -> Rollout:
-    """Sample `group_size` images per condition with trajectories, decode, score and normalise in groups."""
+            num_steps: int | None = None, generator: torch.Generator | None = None, credit: str = "image",
+            shared_orders: bool = False) -> Rollout:
+    """Sample `group_size` images per condition with trajectories, decode, score and normalise in groups.
+
+    credit="box" also gives every token the advantage of the boxes covering it (`box_credit_advantages`),
+    from the per-box rewards the reward function returns under BOX_REWARDS. `shared_orders`: the rollouts
+    of a group share one generation order, so their rewards differ only through the policy's own draws
+    (the order is the sampler's, not an action the objective credits)."""
+    if credit not in CREDITS:
+        raise ValueError(f"credit {credit!r} is not one of {CREDITS}")
     t0 = time.perf_counter()
     grouped = repeat_groups(batch, group_size)
+    orders = None
+    if shared_orders:
+        n = grouped["box_mask"].shape[0] // group_size
+        orders = sample_orders(n, model.cfg.seq_len, device=model.fake_latent.device,
+                               generator=generator).repeat_interleave(group_size, 0)
     with rollout_schedule(model.diffloss, num_steps):
         out = sample_latents(model, grouped, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                             temperature=temperature, generator=generator, record=True)
+                             temperature=temperature, generator=generator, record=True, orders=orders)
     images = ((tokenizer.decode(out.latents.float()).float() + 1) / 2).clamp(0, 1).cpu()  # (N, 3, H, W)
     t1 = time.perf_counter()
     rewards, components = reward_fn(images, grouped)
     rewards = rewards.float().cpu()
+    components = dict(components)
+    box_rewards = components.pop(BOX_REWARDS, None)
+    advantages = group_advantages(rewards, group_size)
+    token_advantages = None
+    if credit == "box":
+        if box_rewards is None:
+            raise ValueError("credit='box' needs a reward function that returns per-box rewards (a layout reward)")
+        token_advantages = box_credit_advantages(box_rewards, grouped["box_mask"], grouped["boxes"], advantages,
+                                                 group_size, model.cfg.grid_size)
     t2 = time.perf_counter()
     dev = out.latents.device
     grouped = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in grouped.items()}
     return Rollout(grouped, patchify(out.latents), out.steps, images, rewards,
-                   {k: v.float().cpu() for k, v in components.items()}, group_advantages(rewards, group_size),
-                   cfg_scale=cfg, times=dict(rollout=t1 - t0, reward=t2 - t1))
+                   {k: v.float().cpu() for k, v in components.items()}, advantages,
+                   cfg_scale=cfg, token_advantages=token_advantages, times=dict(rollout=t1 - t0, reward=t2 - t1))
 
 
 def eligible_chain_steps(step: ARStep, min_sigma: float, sigma_mode: str) -> torch.Tensor:
@@ -365,7 +429,8 @@ class LossParts:
 
 
 def clipped_loss(ro: Rollout, means: list[torch.Tensor], clip_range: float, kl_coef: float) -> LossParts:
-    """PPO's clipped objective over the selected transitions (each with its image's advantage) + kl_coef x KL.
+    """PPO's clipped objective over the selected transitions (each with its image's advantage, or its token's
+    with credit="box") + kl_coef x KL.
 
     Averaged over transitions; the KL term is the mean closed-form KL to the reference's means.
     """
@@ -379,7 +444,11 @@ def clipped_loss(ro: Rollout, means: list[torch.Tensor], clip_range: float, kl_c
         sigma = sigma.to(mean.device)
         new = gaussian_log_prob(x_prev, mean, sigma)  # (S_sel, n_k)
         ratio = torch.exp(new - old.to(mean.device))
-        adv = adv_all[step.batch_index.to(mean.device)].unsqueeze(0)  # (1, n_k): the image's advantage
+        b = step.batch_index.to(mean.device)
+        if ro.token_advantages is None:
+            adv = adv_all[b].unsqueeze(0)  # (1, n_k): the image's advantage
+        else:  # each token's own (credit="box")
+            adv = ro.token_advantages.to(mean.device)[b, step.token_index.to(mean.device)].unsqueeze(0)
         unclipped = ratio * adv
         clip = ratio.clamp(1 - clip_range, 1 + clip_range) * adv
         surrogate.append(torch.minimum(unclipped, clip).reshape(-1))
@@ -415,6 +484,8 @@ class GRPOSettings:
     ar_chunks: int = 1
     math_attention: bool = RLConfig.math_attention  # SDPA's math kernel in rollout and recomputation (ratio 1)
     anchor_coef: float = RLConfig.anchor_coef  # weight of the supervised model loss kept as an anchor (0: off)
+    credit: str = RLConfig.credit  # image: every token gets its image's advantage; box: its boxes' (see rollout)
+    shared_orders: bool = RLConfig.shared_orders  # one generation order per group (see rollout)
 
 
 class GRPOObjective:
@@ -461,7 +532,8 @@ class GRPOObjective:
         with self._kernels():
             ro = rollout(model, self.tokenizer, batch, self.reward_fn, group_size=s.group_size, num_iter=s.num_iter,
                          cfg=s.rollout_cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                         num_steps=s.rollout_steps, generator=self.generator)
+                         num_steps=s.rollout_steps, generator=self.generator, credit=s.credit,
+                         shared_orders=s.shared_orders)
         selection = select_transitions(ro.steps, s.rl_step_ratio, s.diffusion_step_ratio, s.min_sigma,
                                        s.sigma_mode, generator=self.generator)
         prepare_update(ro, selection, s.min_sigma, s.sigma_mode)
@@ -507,6 +579,19 @@ class GRPOObjective:
         metrics["time_loss_forward_s"] = time.perf_counter() - t0
         return loss, {k: torch.as_tensor(v, dtype=torch.float32).detach() for k, v in metrics.items()}
 
+
+
+def gradient_signal_share(estimates: list[torch.Tensor]) -> float:
+    """From K >= 2 independent gradient estimates g_i = mu + noise_i: |mu|^2 / E|g|^2, the share of an
+    estimate's squared norm that is signal (mean pairwise dot product over mean squared norm; 1: noiseless,
+    ~0: noise). Averaging n such estimates (n x the rollouts per step) lifts a small share s to about n s."""
+    if len(estimates) < 2:
+        raise ValueError(f"the signal share needs at least 2 gradient estimates, got {len(estimates)}")
+    g = torch.stack([e.detach().double().reshape(-1) for e in estimates])  # (K, P)
+    k = g.shape[0]
+    total = g.sum(0)
+    pair_dots = (total.dot(total) - (g * g).sum()) / (k * (k - 1))  # mean of g_i . g_j over i != j
+    return float(pair_dots / (g * g).sum(1).mean())
 
 
 # ---- stage 3 as an objective of the training loop ----------------------------------------------------
@@ -560,7 +645,7 @@ class GRPOStage:
                             rollout_cfg=c.rollout_cfg, cfg_schedule=c.cfg_schedule, temperature=c.temperature,
                             rollout_steps=c.rollout_steps, min_sigma=c.min_sigma, sigma_mode=c.sigma_mode,
                             inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum,
-                            math_attention=c.math_attention)
+                            math_attention=c.math_attention, credit=c.credit, shared_orders=c.shared_orders)
 
     def trainable(self, name: str) -> bool:
         return self.cfg.train_head or not name.startswith("diffloss.")

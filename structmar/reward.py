@@ -215,19 +215,35 @@ def layout_rewards(detections: list[Detections], layouts: list[tuple[np.ndarray,
     """Per-image rewards (B,) and each component (B,), averaged over the image's target boxes."""
     if len(detections) != len(layouts):
         raise ValueError(f"{len(detections)} detection sets for {len(layouts)} layouts")
+    reward, comp, _ = layout_box_rewards(detections, layouts, image_size, weights)
+    return reward, comp
+
+
+def layout_box_rewards(detections: list[Detections], layouts: list[tuple[np.ndarray, np.ndarray]],
+                       image_size: tuple[int, int], weights: RewardWeights):
+    """`layout_rewards` plus each target box's own reward: (rewards (B,), components, [per box (K_i,)]).
+
+    A box's reward is the weighted sum of its own IoU, score, centroid distance and missing flag; an
+    image's reward is the mean over its boxes (what credit assignment per box splits up again)."""
+    if len(detections) != len(layouts):
+        raise ValueError(f"{len(detections)} detection sets for {len(layouts)} layouts")
     parts = {name: [] for name in REWARD_COMPONENTS}
+    per_box = []
     for i, (det, (boxes, labels)) in enumerate(zip(detections, layouts)):
         if len(boxes) == 0:
             raise ValueError(f"layout {i} has no boxes: a layout reward needs at least one")
         m = match_layout(det, boxes, labels, image_size)
+        missing = (m.det_index < 0).astype(np.float64)
         parts["iou"].append(m.iou.mean())
         parts["confidence"].append(m.score.mean())
         parts["centroid"].append(m.centroid.mean())
-        parts["missing"].append((m.det_index < 0).mean())
+        parts["missing"].append(missing.mean())
+        per_box.append(torch.tensor(weights.iou * m.iou + weights.confidence * m.score
+                                    - weights.centroid * m.centroid - weights.missing * missing, dtype=torch.float32))
     comp = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}
     reward = (weights.iou * comp["iou"] + weights.confidence * comp["confidence"]
               - weights.centroid * comp["centroid"] - weights.missing * comp["missing"])
-    return reward, comp
+    return reward, comp, per_box
 
 
 # ---- layout-fidelity metrics (evaluation) ---------------------------------------------------------

@@ -66,10 +66,11 @@ def cfg_scale_at(cfg: float, schedule: str, num_masked_after: int, seq_len: int)
 @torch.no_grad()
 def sample_latents(model: StructMAR, batch: dict, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                    temperature: float = 1.0, generator: torch.Generator | None = None,
-                   record: bool = False) -> SampleOutput:
+                   record: bool = False, orders: torch.Tensor | None = None) -> SampleOutput:
     """Generate token latents for the conditions in `batch` (text/layout keys of the training batch contract).
 
-    The batch size comes from `text_pooled` (or `boxes`); every random draw uses `generator`.
+    The batch size comes from `text_pooled` (or `boxes`); every random draw uses `generator`. `orders`
+    (B, L), a permutation of the tokens per row, fixes the generation orders (default: uniformly random).
     """
     mcfg = model.cfg
     if num_iter < 1:
@@ -91,7 +92,11 @@ def sample_latents(model: StructMAR, batch: dict, num_iter: int = 64, cfg: float
 
     mask = torch.ones(B, L, dtype=torch.bool, device=dev)
     tokens = torch.zeros(B, L, C, device=dev, dtype=dtype)
-    orders = sample_orders(B, L, device=dev, generator=generator)
+    if orders is None:
+        orders = sample_orders(B, L, device=dev, generator=generator)
+    elif orders.shape != (B, L):
+        raise ValueError(f"orders of shape {tuple(orders.shape)} do not match the batch's ({B}, {L})")
+    orders = orders.to(dev)
     out = SampleOutput(latents=tokens, orders=orders)
     for step in range(num_iter):
         z = model.predict(torch.cat([tokens] * 2) if guided else tokens, torch.cat([mask] * 2) if guided else mask,

@@ -10,17 +10,21 @@ import torch.nn as nn
 
 from structmar.config import model_config
 from structmar.grpo import (
+    BOX_REWARDS,
     GRPOObjective,
     GRPOSettings,
     GRPOStage,
     ReferencePolicy,
+    box_credit_advantages,
     chunk_of,
     clipped_loss,
     colour_reward,
     drop_empty_layouts,
     eligible_chain_steps,
     gaussian_kl_equal_sigma,
+    gradient_signal_share,
     group_advantages,
+    layout_reward,
     prepare_update,
     recompute_means,
     repeat_groups,
@@ -80,6 +84,77 @@ def test_groups_are_consecutive_copies_and_empty_layouts_are_dropped_with_a_coun
     grouped = repeat_groups(kept, 3)
     assert torch.equal(grouped["image_ids"], torch.tensor([0, 0, 0, 2, 2, 2]))
     assert torch.equal(grouped["boxes"][3], kept["boxes"][1])
+
+
+def test_box_credit_gives_each_box_its_own_outcome():
+    """Two rollouts of one layout: box A came out in the first, box B in the second. Their images score the
+    same (image advantages 0), but box credit tells A's tokens the first was better and B's the second."""
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]).expand(4, 3, 4)
+    box_mask = torch.tensor([[1, 1, 0]] * 2 + [[1, 0, 0]] * 2, dtype=torch.bool)  # slot 2 is padding
+    box_rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.0, 0.0], [0.3, 0.0, 0.0]])
+    image_adv = group_advantages(box_rewards.sum(1), 2)
+    assert torch.equal(image_adv, torch.zeros(4))
+    image_adv = torch.tensor([0.0, 0.0, 0.5, -0.5])  # stand-ins, to see where the image's value is used
+    adv = box_credit_advantages(box_rewards, box_mask, boxes, image_adv, group_size=2, grid_size=4).reshape(4, 4, 4)
+    assert torch.equal(adv[0, :2, :2], torch.ones(2, 2)) and torch.equal(adv[1, :2, :2], -torch.ones(2, 2))
+    assert torch.equal(adv[0, 2:, 2:], -torch.ones(2, 2)) and torch.equal(adv[1, 2:, 2:], torch.ones(2, 2))
+    assert torch.equal(adv[0, :2, 2:], torch.zeros(2, 2))  # no box covers it: the image's advantage
+    # the second group's one box scored the same twice: 0 on its cells, the image's advantage elsewhere
+    assert torch.equal(adv[2, :2, :2], torch.zeros(2, 2)) and torch.equal(adv[3, 2:, 2:], torch.full((2, 2), -0.5))
+    # a token covered by two boxes takes their mean
+    both = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]]).expand(2, 2, 4)
+    mixed = box_credit_advantages(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.ones(2, 2, dtype=torch.bool),
+                                  both, torch.zeros(2), group_size=2, grid_size=2)
+    assert mixed[0].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_box_credit_reaches_each_transition_through_its_token():
+    """With credit="box", a selected transition's advantage in the loss is its own token's (at ratio 1 the
+    policy loss is minus their mean), from a layout reward's per-box rewards."""
+    from structmar.reward import RewardWeights
+    from structmar.shapes import ShapesDetector
+
+    model = make_model()
+    batch = conditions(model.cfg, B=2)
+    ro = rollout(model, TOK, batch, layout_reward(ShapesDetector(), RewardWeights()), group_size=3, num_iter=3,
+                 temperature=0.9, generator=torch.Generator().manual_seed(0), credit="box")
+    assert ro.token_advantages.shape == (6, model.cfg.seq_len) and BOX_REWARDS not in ro.components
+    ro.token_advantages = torch.randn(ro.token_advantages.shape, generator=torch.Generator().manual_seed(3))
+    prepare_update(ro, select_transitions(ro.steps, 1.0, 1.0, 0.0, "floor"), 0.0, "floor")
+    means = recompute_means(model, ro, None)
+    ro.ref_means = [m.detach() for m in means]
+    parts = clipped_loss(ro, means, 0.2, 0.0)
+    expected = torch.cat([ro.token_advantages[ro.steps[k].batch_index, ro.steps[k].token_index].repeat(len(chain))
+                          for k, chain in zip(ro.selection.ar_steps, ro.selection.chain_steps)])
+    assert parts.policy_loss.item() == pytest.approx(-expected.mean().item(), abs=1e-5)
+    with pytest.raises(ValueError, match="per-box rewards"):
+        rollout(model, TOK, batch, colour_reward((1.0, 0.0, 0.0)), group_size=2, num_iter=2, credit="box")
+
+
+def test_shared_orders_give_a_group_one_generation_order():
+    model = make_model()
+    kw = dict(group_size=3, num_iter=3, temperature=0.9)
+    shared = rollout(model, TOK, conditions(model.cfg, B=2), colour_reward((1.0, 0.0, 0.0)), shared_orders=True,
+                     generator=torch.Generator().manual_seed(0), **kw)
+    free = rollout(model, TOK, conditions(model.cfg, B=2), colour_reward((1.0, 0.0, 0.0)),
+                   generator=torch.Generator().manual_seed(0), **kw)
+    for step in shared.steps[1:]:  # the masks left after the first step follow each row's order
+        groups = step.mask.reshape(2, 3, -1)
+        assert (groups == groups[:, :1]).all() and not torch.equal(groups[0, 0], groups[1, 0])
+    assert not all((st.mask.reshape(2, 3, -1) == st.mask.reshape(2, 3, -1)[:, :1]).all() for st in free.steps[1:])
+    assert not torch.equal(shared.tokens[0], shared.tokens[1])  # the draws still differ within the group
+
+
+def test_gradient_signal_share_measures_how_much_of_an_estimate_is_signal():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(20_000, generator=g)
+    for noise, expected in ((0.0, 1.0), (1.0, 0.5), (3.0, 0.1)):  # |mu|^2 / (|mu|^2 + noise^2 |mu|^2-ish)
+        estimates = [mu + noise * torch.randn(20_000, generator=g) for _ in range(6)]
+        assert gradient_signal_share(estimates) == pytest.approx(expected, abs=0.03)
+    pure_noise = [torch.randn(20_000, generator=g) for _ in range(6)]
+    assert abs(gradient_signal_share(pure_noise)) < 0.02
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_signal_share([mu])
 
 
 # ---- selection, sigma rule, KL ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 
 from structmar.reward import (
     RewardWeights,
+    layout_box_rewards,
     layout_metrics,
     layout_rewards,
     load_detector,
@@ -76,6 +77,12 @@ def test_rewards_order_and_components():
     assert only_iou[0] == pytest.approx(comp["iou"][1].item())
     with pytest.raises(ValueError, match="layout 0 has no boxes"):
         layout_rewards([empty], [(np.zeros((0, 4)), np.zeros(0))], SIZE, RewardWeights())
+    # each box's own reward: the image's is their mean; a missing box pays the missing weight alone
+    same, same_comp, per_box = layout_box_rewards([perfect, shifted, partial, empty], [LAYOUT] * 4, SIZE,
+                                                  RewardWeights())
+    assert torch.equal(same, reward) and all(torch.equal(same_comp[k], comp[k]) for k in comp)
+    assert torch.allclose(torch.stack([b.mean() for b in per_box]), reward)
+    assert per_box[2][0] == pytest.approx(1.0 + 0.25 * 0.9) and per_box[2][1:].tolist() == pytest.approx([-1.0, -1.0])
 
 
 def test_shapes_detector_scores_real_layouts(tmp_path):

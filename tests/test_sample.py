@@ -43,6 +43,15 @@ def test_seeded_sampling_is_deterministic():
     assert not torch.equal(a, run(0, cfg_schedule="constant"))
     with pytest.raises(ValueError, match="unknown cfg schedule 'cosine'"):
         run(0, cfg_schedule="cosine")
+    # given orders are followed: each step generates the tail of the still-masked prefix of its row's order
+    orders = torch.stack([torch.randperm(model.cfg.seq_len) for _ in range(2)])
+    fixed = sample_latents(model, batch, num_iter=4, orders=orders, record=True,
+                           generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fixed.orders, orders)
+    assert all(set(orders[0, int(st.mask[0].sum()) - int((st.batch_index == 0).sum()):int(st.mask[0].sum())].tolist())
+               == set(st.token_index[st.batch_index == 0].tolist()) for st in fixed.steps)
+    with pytest.raises(ValueError, match="orders of shape"):
+        run(0, orders=orders[:1])
 
 
 def test_cosine_mask_schedule_and_trajectory():
