@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -144,13 +145,28 @@ def write_random_clip(path: str, seed: int = 0, size: str = "tiny", words=(), ce
     that make each of them about one token, as CLIP's own vocabulary does for common words, which keeps
     sequences (and the 12-layer encoder's cost) at real-CLIP lengths. With `centre_on` (e.g. a dataset's
     category names) the pooled features of those texts are centred and unit-scaled (`centre_pooled`).
-    Returns `path`.
+    The directory is built beside `path` and renamed into place, so a killed write leaves no model
+    without weights; an existing `path` is replaced. Returns `path`.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     if size not in _SIZES:
         raise ValueError(f"unknown CLIP size {size!r}; known: {', '.join(_SIZES)}")
-    os.makedirs(path, exist_ok=True)
+    tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        _write_clip_files(tmp, seed, size, words, centre_on)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_clip_files(path: str, seed: int, size: str, words, centre_on) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     vocab = _offline_vocab()
     merges = _word_merges(w for w in words if len(w) > 1)
     for left, right in merges:
@@ -170,4 +186,3 @@ def write_random_clip(path: str, seed: int = 0, size: str = "tiny", words=(), ce
         centre_pooled(model, tokenizer, centre_on)
     tokenizer.save_pretrained(path)
     model.save_pretrained(path)
-    return path

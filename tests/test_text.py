@@ -96,3 +96,23 @@ def test_centring_fits_the_final_norm_to_the_given_texts(clip_dir, tmp_path):
     assert cosine < torch.nn.functional.cosine_similarity(before[0], before[1], dim=0)
     with pytest.raises(ValueError, match="at least 2 distinct texts"):
         write_random_clip(str(tmp_path / "one"), seed=0, size="tiny", centre_on=["red circle"] * 3)
+
+
+def test_a_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from transformers import CLIPTextModel
+
+    path = tmp_path / "clip"
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # what a write killed before its weights used to leave
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(CLIPTextModel, "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            write_random_clip(str(path), seed=0, size="tiny")
+    assert sorted(os.listdir(tmp_path)) == ["clip"]  # no temp directory left behind
+    write_random_clip(str(path), seed=0, size="tiny")  # the rerun replaces the leftover with a whole model
+    assert sorted(os.listdir(tmp_path)) == ["clip"]
+    assert TextEncoder.from_pretrained(str(path)).encode(["a red circle"])[2].shape == (1, 32)
