@@ -96,6 +96,14 @@ def cell_ranges(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
     return torch.cat([lo, hi], -1).long()
 
 
+def box_cells(boxes: torch.Tensor, box_mask: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """(B, K, L) bool: token cell l (row-major) lies in real box k, by the rule of `cell_ranges`."""
+    col0, row0, col1, row1 = cell_ranges(boxes, grid_size)[..., None, :].unbind(-1)  # (B, K, 1) each
+    cell = torch.arange(grid_size * grid_size, device=boxes.device)
+    row, col = cell // grid_size, cell % grid_size
+    return (col >= col0) & (col < col1) & (row >= row0) & (row < row1) & box_mask.bool()[..., None]
+
+
 @dataclass
 class LayoutBias:
     """The layout-guided bias rule over a TokenTable.

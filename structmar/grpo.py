@@ -92,7 +92,7 @@ def box_credit_advantages(box_rewards: torch.Tensor, box_mask: torch.Tensor, box
     the image's advantage where no box covers it. An image's reward mixes the outcomes of all its boxes;
     this gives each box's tokens the outcome of their own box alone.
     """
-    from structmar.attention import cell_ranges
+    from structmar.attention import box_cells
 
     N, K = box_rewards.shape
     real = box_mask.bool().cpu()
@@ -100,12 +100,7 @@ def box_credit_advantages(box_rewards: torch.Tensor, box_mask: torch.Tensor, box
     std = r.std(1, unbiased=False, keepdim=True)
     adv = ((r - r.mean(1, keepdim=True)) / std.clamp(min=eps)).reshape(N, K)
     adv = torch.where((std > eps).expand(-1, group_size, -1).reshape(N, K) & real, adv, torch.zeros_like(adv))
-    cells = cell_ranges(boxes.float().cpu(), grid_size)  # (N, K, 4) [col0, row0, col1, row1)
-    idx = torch.arange(grid_size)
-    rows, cols = idx.repeat_interleave(grid_size), idx.repeat(grid_size)  # (L,) row-major tokens
-    covers = ((cols[None, :, None] >= cells[:, None, :, 0]) & (cols[None, :, None] < cells[:, None, :, 2])
-              & (rows[None, :, None] >= cells[:, None, :, 1]) & (rows[None, :, None] < cells[:, None, :, 3])
-              & real[:, None, :])  # (N, L, K)
+    covers = box_cells(boxes.float().cpu(), real, grid_size).transpose(1, 2)  # (N, L, K)
     count = covers.sum(-1)
     token_adv = (covers * adv[:, None, :]).sum(-1) / count.clamp(min=1)
     return torch.where(count > 0, token_adv, image_advantages.float().cpu()[:, None])

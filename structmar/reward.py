@@ -213,8 +213,6 @@ REWARD_COMPONENTS = ("iou", "confidence", "centroid", "missing")
 def layout_rewards(detections: list[Detections], layouts: list[tuple[np.ndarray, np.ndarray]],
                    image_size: tuple[int, int], weights: RewardWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-image rewards (B,) and each component (B,), averaged over the image's target boxes."""
-    if len(detections) != len(layouts):
-        raise ValueError(f"{len(detections)} detection sets for {len(layouts)} layouts")
     reward, comp, _ = layout_box_rewards(detections, layouts, image_size, weights)
     return reward, comp
 

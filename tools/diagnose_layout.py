@@ -19,18 +19,14 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from structmar.attention import BOX, IMAGE, NULL, TEXT, apply_rope, cell_ranges
+from structmar.attention import BOX, IMAGE, NULL, TEXT, apply_rope, box_cells
 from structmar.model import StructMAR, load_weights, patchify, read_weights
 from structmar.shards import ShardLoader
 
 
 def in_box(batch: dict, grid: int) -> torch.Tensor:
     """(B, L) bool: the token's cell lies in one of the sample's boxes, by the cell rule the layout bias uses."""
-    col0, row0, col1, row1 = cell_ranges(batch["boxes"], grid)[..., None, :].unbind(-1)  # (B, K, 1) each
-    cell = torch.arange(grid * grid)
-    row, col = cell // grid, cell % grid
-    inside = (col >= col0) & (col < col1) & (row >= row0) & (row < row1)  # (B, K, L)
-    return (inside & batch["box_mask"].bool()[..., None]).any(1)
+    return box_cells(batch["boxes"], batch["box_mask"], grid).any(1)
 
 
 @torch.no_grad()
