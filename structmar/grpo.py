@@ -576,17 +576,24 @@ class GRPOObjective:
 
 
 
-def gradient_signal_share(estimates: list[torch.Tensor]) -> float:
+def gradient_signal_share(estimates: list[torch.Tensor], per_coordinate: bool = False) -> float:
     """From K >= 2 independent gradient estimates g_i = mu + noise_i: |mu|^2 / E|g|^2, the share of an
     estimate's squared norm that is signal (mean pairwise dot product over mean squared norm; 1: noiseless,
-    ~0: noise). Averaging n such estimates (n x the rollouts per step) lifts a small share s to about n s."""
+    ~0: noise). Averaging n such estimates (n x the rollouts per step) lifts a small share s to about n s.
+
+    With `per_coordinate`, each coordinate's own share mu_j^2 / E g_j^2, averaged over the coordinates that
+    have a gradient: the share an optimiser sees that scales every coordinate by its own RMS, as Adam does,
+    where a few noisy coordinates dominating the norm no longer hide the signal of the others."""
     if len(estimates) < 2:
         raise ValueError(f"the signal share needs at least 2 gradient estimates, got {len(estimates)}")
     g = torch.stack([e.detach().double().reshape(-1) for e in estimates])  # (K, P)
     k = g.shape[0]
-    total = g.sum(0)
-    pair_dots = (total.dot(total) - (g * g).sum()) / (k * (k - 1))  # mean of g_i . g_j over i != j
-    return float(pair_dots / (g * g).sum(1).mean())
+    total, squares = g.sum(0), (g * g).sum(0)
+    pair_dots = (total * total - squares) / (k * (k - 1))  # per coordinate: mean of g_ij g_lj over i != l
+    if per_coordinate:
+        live = squares > 0
+        return float((pair_dots[live] / (squares[live] / k)).mean())
+    return float(pair_dots.sum() / squares.sum() * k)
 
 
 # ---- stage 3 as an objective of the training loop ----------------------------------------------------

@@ -155,6 +155,14 @@ def test_gradient_signal_share_measures_how_much_of_an_estimate_is_signal():
     assert abs(gradient_signal_share(pure_noise)) < 0.02
     with pytest.raises(ValueError, match="at least 2"):
         gradient_signal_share([mu])
+    # 100 very noisy coordinates hide the clean signal of the other 19,900 from the global share, not from
+    # the per-coordinate one (what an optimiser scaling each coordinate by its RMS sees)
+    loud = torch.zeros(20_000)
+    loud[:100] = 1.0
+    estimates = [mu * (1 - loud) + 300 * loud * torch.randn(20_000, generator=g) for _ in range(6)]
+    assert gradient_signal_share(estimates) < 0.01
+    assert gradient_signal_share(estimates, per_coordinate=True) == pytest.approx(0.995, abs=0.01)
+    assert abs(gradient_signal_share(pure_noise, per_coordinate=True)) < 0.02
 
 
 # ---- selection, sigma rule, KL ----------------------------------------------------------------------

@@ -3,9 +3,14 @@
 For a stage export and its shards, one fixed batch of layouts is rolled out `--estimates` times (each time
 `--batch_size` layouts x `--group_size` rollouts, the objective of `structmar rl` without the KL term) and
 the gradients are compared: the signal share |mu|^2 / E|g|^2 (`grpo.gradient_signal_share`) for the
-diffusion head and for the rest of the model. A share s at n rollouts per step becomes about 0.5 at
-n (1 - s) / s rollouts (the noise averages down as 1/n); that figure is printed too. Each setting given
-with `--setting` (credit,shared_orders,temperature,min_sigma) is one markdown row.
+diffusion head and for the rest of the model, over the whole gradient and per coordinate (each coordinate's
+own share, averaged: what Adam, scaling each coordinate by its RMS, sees). A share s at n rollouts per step
+becomes about 0.5 at n (1 - s) / s rollouts (the noise averages down as 1/n); that figure is printed for the
+per-coordinate share. Each setting given with `--setting` (credit,shared_orders,temperature,min_sigma) is
+one markdown row. Read small shares with care: on the flat-colour model of tests/test_grpo.py, where GRPO
+raises its reward within 30 steps, they are as small as on Shapes (~0.03 per coordinate at 32 rollouts),
+since Adam's momentum and the steps themselves average the noise; a share says which setting carries more
+signal, not whether a run will move.
 
     python tools/grpo_signal.py output/demo/stage2_full/checkpoint-last.safetensors output/demo/shards \\
         --setting image,0,0.25,0.075 --setting box,1,0.25,0.075
@@ -70,8 +75,9 @@ def main() -> None:
     print(f"{args.checkpoint}: {args.estimates} gradient estimates per setting, {args.batch_size} layouts x group "
           f"{args.group_size} = {rollouts} rollouts each, {args.num_iter} AR steps")
     print()
-    print("| credit | shared orders | temperature | min_sigma | reward (std) | signal share, head | rollouts/step "
-          "for 0.5, head | signal share, rest | rollouts/step for 0.5, rest | s per estimate |")
+    print("| credit | shared orders | temperature | min_sigma | reward (std) | signal share, head (whole / per "
+          "coordinate) | rollouts/step for 0.5, head | signal share, rest (whole / per coordinate) | rollouts/step "
+          "for 0.5, rest | s per estimate |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for setting in args.setting:
         settings = GRPOSettings(group_size=args.group_size, num_iter=args.num_iter, kl_coef=0.0, **setting)
@@ -91,9 +97,9 @@ def main() -> None:
         seconds = (time.perf_counter() - t0) / args.estimates
         cells = []
         for grads in (head, rest):
-            share = gradient_signal_share(grads)
+            whole, share = gradient_signal_share(grads), gradient_signal_share(grads, per_coordinate=True)
             needed = rollouts * (1 - share) / share if share > 0 else float("inf")
-            cells += [f"{share:+.3f}", f"{needed:,.0f}" if share > 0 else "no signal measured"]
+            cells += [f"{whole:+.3f} / {share:+.3f}", f"{needed:,.0f}" if share > 0 else "no signal measured"]
         mean_r = sum(r for r, _ in rewards) / len(rewards)
         mean_s = sum(s for _, s in rewards) / len(rewards)
         print(f"| {setting['credit']} | {'yes' if setting['shared_orders'] else 'no'} | {setting['temperature']} | "
