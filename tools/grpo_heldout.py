@@ -2,9 +2,10 @@
 GRPO tables, so an arm is one command and its row is comparable with the others.
 
 It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` on the demo's shards with the recipe
-below, any RLConfig field overridden with `--set name=value`, then evaluates the run's export on `--layouts`
-val layouts with the analytic Shapes detector: raw weights at the evaluation temperature (the demo's 0.25)
-and at the rollout temperature, and the EMA at the evaluation temperature. Two controls replace the reward,
+below, any RLConfig field overridden with `--set name=value` (`--set device=cuda` on a GPU), then evaluates
+the run's export on `--layouts` val layouts with the analytic Shapes detector on the run's device: raw
+weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the EMA at the
+evaluation temperature. Two controls replace the reward,
 with the same steps, data and optimizer: `--control constant` makes every advantage 0, so only the
 supervised anchor (`--anchor_coef`) trains (the policy term's whole effect is an arm minus this);
 `--control random` draws each rollout's reward from N(0, 1), a policy gradient of the real one's size and
@@ -102,7 +103,7 @@ def main() -> None:
                            out=os.path.join(args.run_dir, f"eval_{name}"), num_layouts=args.layouts,
                            eval_detector="shapes", clip_path=os.path.join(args.demo, "clip-random-vit-b32"),
                            num_iter=demo.num_iter, temperature=temperature, cfg=1.0, seed=0, batch_size=64,
-                           device="cpu", ema=ema)
+                           device=cfg.device, ema=ema)
         generated = run_eval(opts, rank=0, world_size=1)["layout"]["eval"]["generated"]
         figures[name] = {k: [round(generated[k], 4), round(generated[f"{k}_se"] or 0.0, 4)] for k in FIGURES}
     with open(os.path.join(args.run_dir, LOG)) as f:
