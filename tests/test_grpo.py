@@ -448,7 +448,9 @@ def test_grpo_raises_a_simple_colour_reward_through_the_real_head():
         return rewards
 
     baseline = [sum(r) / len(r) for r in (run(seed, 5, 0.0) for seed in range(3))]
-    assert min(baseline) > 0.15 and max(baseline) < 0.5  # about one image in four is red before any update
+    # before any update red is drawn, but not mostly: 0.30-0.34 on earlier hosts, 0.13-0.14 on a 2-core AMD EPYC
+    # (the colour mix that 300 steps of training land on varies with the CPU's float rounding)
+    assert min(baseline) > 0.08 and max(baseline) < 0.5
     trained = run(0, 30, 3e-4)
     late = sum(trained[-10:]) / 10
     gain = late - sum(baseline) / len(baseline)
