@@ -5,13 +5,13 @@ It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` on the de
 below, any RLConfig field overridden with `--set name=value` (`--set device=cuda` on a GPU), then evaluates
 the run's export on `--layouts` val layouts with the analytic Shapes detector on the run's device: raw
 weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the EMA at the
-evaluation temperature. Two controls replace the reward,
-with the same steps, data and optimizer: `--control constant` makes every advantage 0, so only the
-supervised anchor (`--anchor_coef`) trains (the policy term's whole effect is an arm minus this);
-`--control random` draws each rollout's reward from N(0, 1), a policy gradient of the real one's size and
-no direction (an arm that does no better than this has moved its weights by noise).
-It prints one JSON line (the arm, its figures with standard errors, the per-step training reward and the
-last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core CPU, plus ~40 s per evaluation.
+evaluation temperature. Two controls replace the reward, with the same steps, data and optimizer:
+`--control constant` makes every advantage 0, so only the supervised anchor (`--anchor_coef`) trains (the
+policy term's whole effect is an arm minus this); `--control random` draws each rollout's reward from
+N(0, 1), a policy gradient of the real one's size and no direction (an arm that does no better than this
+has moved its weights by noise). It prints one JSON line (the arm, its figures with standard errors, the
+per-step training reward and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
+CPU, plus ~40 s per evaluation.
 
     bash tools/demo.sh                               # output/demo with stage2_full
     python tools/grpo_heldout.py output/demo output/arms/b8_g4 --set batch_size=8 --set group_size=4
@@ -44,8 +44,7 @@ FIGURES = ("ap50", "success_rate", "reward")
 
 def parse_set(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(RLConfig)}
-    if not sep or name not in fields:
+    if not sep or name not in {f.name for f in dataclasses.fields(RLConfig)}:
         raise argparse.ArgumentTypeError(f"--set {text!r} is not name=value with name an RLConfig field")
     try:
         return name, json.loads(value)
