@@ -9,8 +9,9 @@ evaluation temperature. Two controls replace the reward, with the same steps, da
 `--control constant` makes every advantage 0, so only the supervised anchor (`--anchor_coef`) trains (the
 policy term's whole effect is an arm minus this); `--control random` draws each rollout's reward from
 N(0, 1), a policy gradient of the real one's size and no direction (an arm that does no better than this
-has moved its weights by noise). It prints one JSON line (the arm, its figures with standard errors, the
-per-step training reward and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
+has moved its weights by noise); a control still measures and logs its rollouts' layout reward. It prints
+one JSON line (the arm, its figures with standard errors, the per-step training reward (the layout
+reward's) and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
 CPU, plus ~40 s per evaluation.
 
     bash tools/demo.sh                               # output/demo with stage2_full
@@ -32,8 +33,9 @@ import torch
 from structmar.config import RLConfig
 from structmar.demo import DemoConfig, _train_args
 from structmar.evaluate import EvalOptions, run_eval
-from structmar.grpo import GRPOStage, run_rl
+from structmar.grpo import BOX_REWARDS, GRPOStage, layout_reward, run_rl
 from structmar.model import EXPORT
+from structmar.reward import RewardWeights, load_detector
 from structmar.train import LOG, train
 
 # the flat-colour test's recipe (tests/test_grpo.py), which climbs the layout reward on one fixed batch
@@ -52,15 +54,18 @@ def parse_set(text: str) -> tuple[str, object]:
         return name, value  # a bare string, e.g. credit=box
 
 
-def control_reward(kind: str, seed: int):
+def control_reward(kind: str, seed: int, measured):
     """The reward of a control arm: 0 for every rollout, or N(0, 1) from a generator of its own (the
-    sampler's random stream stays the arm's)."""
+    sampler's random stream stays the arm's). The layout reward is still measured and logged as the
+    component `layout` (train/reward_layout), so a control's training reward is comparable with an arm's."""
     generator = torch.Generator().manual_seed(seed)
 
     def reward(images: torch.Tensor, batch: dict):
-        if kind == "constant":
-            return torch.zeros(images.shape[0]), {}
-        return torch.randn(images.shape[0], generator=generator), {}
+        layout, components = measured(images, batch)
+        components = {k: v for k, v in components.items() if k != BOX_REWARDS}
+        given = torch.zeros(images.shape[0]) if kind == "constant" else torch.randn(images.shape[0],
+                                                                                    generator=generator)
+        return given, {**components, "layout": layout}
 
     return reward
 
@@ -90,7 +95,9 @@ def main() -> None:
 
     t = time.time()
     if args.control:
-        train(cfg, objective=GRPOStage(cfg, reward_fn=control_reward(args.control, args.seed)))
+        weights = RewardWeights(cfg.reward_iou, cfg.reward_confidence, cfg.reward_centroid, cfg.reward_missing)
+        measured = layout_reward(load_detector("shapes"), weights)
+        train(cfg, objective=GRPOStage(cfg, reward_fn=control_reward(args.control, args.seed, measured)))
     else:
         run_rl(cfg)
     minutes = (time.time() - t) / 60
@@ -109,7 +116,8 @@ def main() -> None:
         rows = [json.loads(line) for line in f]
     print(json.dumps(dict(arm=dict(args.set), control=args.control, seed=args.seed, steps=args.steps,
                           rl_minutes=round(minutes, 2), heldout=figures,
-                          train_reward=[round(r["train/reward_mean"], 3) for r in rows if "train/reward_mean" in r],
+                          train_reward=[round(r.get("train/reward_layout", r.get("train/reward_mean")), 3)
+                                        for r in rows if "train/reward_mean" in r],
                           kl_last=next((round(r["train/kl"], 3) for r in reversed(rows) if "train/kl" in r), None))))
 
 
