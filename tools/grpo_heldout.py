@@ -33,9 +33,8 @@ import torch
 from structmar.config import RLConfig
 from structmar.demo import DemoConfig, _train_args
 from structmar.evaluate import EvalOptions, run_eval
-from structmar.grpo import BOX_REWARDS, GRPOStage, layout_reward, run_rl
+from structmar.grpo import BOX_REWARDS, GRPOStage, run_rl
 from structmar.model import EXPORT
-from structmar.reward import RewardWeights, load_detector
 from structmar.train import LOG, train
 
 # the flat-colour test's recipe (tests/test_grpo.py), which climbs the layout reward on one fixed batch
@@ -95,9 +94,9 @@ def main() -> None:
 
     t = time.time()
     if args.control:
-        weights = RewardWeights(cfg.reward_iou, cfg.reward_confidence, cfg.reward_centroid, cfg.reward_missing)
-        measured = layout_reward(load_detector("shapes"), weights)
-        train(cfg, objective=GRPOStage(cfg, reward_fn=control_reward(args.control, args.seed, measured)))
+        stage = GRPOStage(cfg)  # its reward is the run's layout reward, which the control still measures
+        stage.reward_fn = control_reward(args.control, args.seed, stage.reward_fn)
+        train(cfg, objective=stage)
     else:
         run_rl(cfg)
     minutes = (time.time() - t) / 60
