@@ -238,7 +238,7 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run)
 
 def _add_rl(sub) -> None:
-    from structmar.config import CREDITS, DETECTOR_KINDS, SIGMA_MODES, RLConfig
+    from structmar.config import CREDITS, DETECTOR_KINDS, REWARD_SCALES, SIGMA_MODES, RLConfig
 
     d = RLConfig(resume="-")
     p = sub.add_parser("rl", help="stage 3: GRPO with detector rewards (the training loop of stages 1-2)",
@@ -294,6 +294,10 @@ def _add_rl(sub) -> None:
     p.add_argument("--shared_orders", action=argparse.BooleanOptionalAction, default=d.shared_orders,
                    help="the rollouts of a group share one generation order, so their rewards differ only "
                         "through the policy's own draws")
+    p.add_argument("--scale_rewards", default=d.scale_rewards, choices=REWARD_SCALES,
+                   help="advantages are rewards minus their group's mean, divided by: group: the group's std; "
+                        "batch: one std over the batch, so a group whose rewards barely differ keeps small "
+                        "advantages; none: nothing")
     p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
                    help="where the frozen reference computes (it is stored on the CPU either way)")
     p.add_argument("--math_attention", action=argparse.BooleanOptionalAction, default=d.math_attention,

@@ -260,6 +260,7 @@ class TrainConfig:
 DETECTOR_KINDS = ("torchvision_frcnn", "hf", "shapes")
 SIGMA_MODES = ("exclude", "floor")
 CREDITS = ("image", "box")  # how GRPO assigns advantages to tokens
+REWARD_SCALES = ("group", "batch", "none")  # how GRPO scales rewards centred on their group's mean
 
 
 @dataclass
@@ -299,6 +300,7 @@ class RLConfig(TrainConfig):
     anchor_coef: float = 0.0  # weight of the supervised loss kept as an anchor
     credit: str = "image"  # image: a token's advantage is its image's; box: that of the boxes covering it
     shared_orders: bool = False  # the rollouts of a group share one generation order
+    scale_rewards: str = "group"  # centred rewards / group std, / one std over the batch, or unscaled
     train_head: bool = False
     ref_device: str = "cpu"
     # attention through SDPA uses its math kernel in rollouts and recomputation, so an update's first
@@ -312,6 +314,8 @@ class RLConfig(TrainConfig):
             raise ValueError(f"detector {self.detector!r} is not one of {DETECTOR_KINDS}")
         if self.credit not in CREDITS:
             raise ValueError(f"credit {self.credit!r} is not one of {CREDITS}")
+        if self.scale_rewards not in REWARD_SCALES:
+            raise ValueError(f"scale_rewards {self.scale_rewards!r} is not one of {REWARD_SCALES}")
         if self.sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} is not one of {SIGMA_MODES}")
         if self.ref_device not in ("cpu", "cuda") or (self.ref_device == "cuda" and self.device != "cuda"):

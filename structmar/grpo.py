@@ -5,7 +5,8 @@ One GRPO step on a batch of layouts and captions:
      (`sample.sample_latents(record=True)`), optionally on a shorter respaced diffusion schedule;
   2. reward: the latents are decoded and scored through a reward function (images in [0, 1] and the
      grouped batch -> rewards (N,) and named components), e.g. `layout_reward` over `structmar.reward`;
-  3. advantages: rewards normalised within each group; a group whose rewards are all equal gets 0. With
+  3. advantages: rewards centred on their group's mean and scaled (by the group's std by default; by one
+     std over the batch, or not at all: `scale_rewards`); a group whose rewards are all equal gets 0. With
      credit="box" each box's own reward is normalised within its group and given to the tokens it covers;
      with shared_orders the rollouts of a group share their generation order;
   4. update: a transition is one denoising step of one generated token, a Gaussian
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from structmar.config import CREDITS, RLConfig
+from structmar.config import CREDITS, REWARD_SCALES, RLConfig
 from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
 from structmar.model import StructMAR, patchify, sample_orders
 from structmar.sample import ARStep, sample_latents
@@ -71,23 +72,42 @@ def repeat_groups(batch: dict, group_size: int) -> dict:
             for k, v in batch.items() if k != "latents"}
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """(r - group mean) / group std for rewards (N,) in consecutive groups; 0 where a group's std <= eps."""
+def normalise_in_groups(r: torch.Tensor, scale: str = "group", valid: torch.Tensor | None = None,
+                        eps: float = 1e-6) -> torch.Tensor:
+    """Rewards r (groups, G, ...) centred on their group's mean along dim 1 and scaled by `scale` (REWARD_SCALES):
+    group: by the group's own std (every group's advantages of unit spread, however small its reward gaps);
+    batch: by one std, that of the centred rewards over the batch (a group whose rewards barely differ keeps
+    small advantages); none: unscaled. 0 wherever a group's rewards are all equal, and outside `valid`."""
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale_rewards {scale!r} is not one of {REWARD_SCALES}")
+    std = r.std(1, unbiased=False, keepdim=True)
+    keep = (std > eps).expand_as(r)
+    if valid is not None:
+        keep = keep & valid
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / std.clamp(min=eps)
+    elif scale == "batch" and bool(keep.any()):
+        adv = adv / adv[keep].pow(2).mean().sqrt().clamp(min=eps)
+    return torch.where(keep, adv, torch.zeros_like(adv))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """Advantages (N,) of rewards (N,) in consecutive groups (`normalise_in_groups`; `scale` "group": (r - group
+    mean) / group std); 0 where a group's rewards are all equal."""
     if rewards.shape[0] % group_size:
         raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
-    r = rewards.float().reshape(-1, group_size)  # (groups, G)
-    std = r.std(1, unbiased=False, keepdim=True)
-    adv = (r - r.mean(1, keepdim=True)) / std.clamp(min=eps)
-    return torch.where(std > eps, adv, torch.zeros_like(adv)).reshape(-1)
+    return normalise_in_groups(rewards.float().reshape(-1, group_size), scale).reshape(-1)
 
 
 def box_credit_advantages(box_rewards: torch.Tensor, box_mask: torch.Tensor, boxes: torch.Tensor,
                           image_advantages: torch.Tensor, group_size: int, grid_size: int,
-                          eps: float = 1e-6) -> torch.Tensor:
+                          scale: str = "group") -> torch.Tensor:
     """Per-token advantages (N, L) from each box's own reward: credit where the box's tokens are.
 
     Box slot k of a group holds the same box in every rollout (the layout is repeated), so its rewards
-    (N, K) are normalised within the group like image rewards (0 where they are all equal, and at padding).
+    (N, K) are normalised within the group like image rewards, with the same `scale` (0 where they are all
+    equal, and at padding).
     A token takes the mean advantage of the boxes whose cells cover it (the cells of the layout bias) and
     the image's advantage where no box covers it. An image's reward mixes the outcomes of all its boxes;
     this gives each box's tokens the outcome of their own box alone.
@@ -97,9 +117,7 @@ def box_credit_advantages(box_rewards: torch.Tensor, box_mask: torch.Tensor, box
     N, K = box_rewards.shape
     real = box_mask.bool().cpu()
     r = box_rewards.float().cpu().reshape(-1, group_size, K)
-    std = r.std(1, unbiased=False, keepdim=True)
-    adv = ((r - r.mean(1, keepdim=True)) / std.clamp(min=eps)).reshape(N, K)
-    adv = torch.where((std > eps).expand(-1, group_size, -1).reshape(N, K) & real, adv, torch.zeros_like(adv))
+    adv = normalise_in_groups(r, scale, valid=real.reshape(-1, group_size, K)).reshape(N, K)
     covers = box_cells(boxes.float().cpu(), real, grid_size).transpose(1, 2)  # (N, L, K)
     count = covers.sum(-1)
     token_adv = (covers * adv[:, None, :]).sum(-1) / count.clamp(min=1)
@@ -216,13 +234,14 @@ def rollout_from_state(state: dict) -> Rollout:
 def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, group_size: int, num_iter: int,
             cfg: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
             num_steps: int | None = None, generator: torch.Generator | None = None, credit: str = "image",
-            shared_orders: bool = False) -> Rollout:
+            shared_orders: bool = False, scale_rewards: str = "group") -> Rollout:
     """Sample `group_size` images per condition with trajectories, decode, score and normalise in groups.
 
     credit="box" also gives every token the advantage of the boxes covering it (`box_credit_advantages`),
     from the per-box rewards the reward function returns under BOX_REWARDS. `shared_orders`: the rollouts
     of a group share one generation order, so their rewards differ only through the policy's own draws
-    (the order is the sampler's, not an action the objective credits)."""
+    (the order is the sampler's, not an action the objective credits). `scale_rewards`: how advantages are
+    scaled after centring on the group mean (`normalise_in_groups`)."""
     if credit not in CREDITS:
         raise ValueError(f"credit {credit!r} is not one of {CREDITS}")
     t0 = time.perf_counter()
@@ -241,13 +260,13 @@ def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, gr
     rewards = rewards.float().cpu()
     components = dict(components)
     box_rewards = components.pop(BOX_REWARDS, None)
-    advantages = group_advantages(rewards, group_size)
+    advantages = group_advantages(rewards, group_size, scale_rewards)
     token_advantages = None
     if credit == "box":
         if box_rewards is None:
             raise ValueError("credit='box' needs a reward function that returns per-box rewards (a layout reward)")
         token_advantages = box_credit_advantages(box_rewards, grouped["box_mask"], grouped["boxes"], advantages,
-                                                 group_size, model.cfg.grid_size)
+                                                 group_size, model.cfg.grid_size, scale_rewards)
     t2 = time.perf_counter()
     dev = out.latents.device
     grouped = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in grouped.items()}
@@ -481,6 +500,7 @@ class GRPOSettings:
     anchor_coef: float = RLConfig.anchor_coef  # weight of the supervised model loss kept as an anchor (0: off)
     credit: str = RLConfig.credit  # image: every token gets its image's advantage; box: its boxes' (see rollout)
     shared_orders: bool = RLConfig.shared_orders  # one generation order per group (see rollout)
+    scale_rewards: str = RLConfig.scale_rewards  # how centred rewards are scaled (normalise_in_groups)
 
 
 class GRPOObjective:
@@ -528,7 +548,7 @@ class GRPOObjective:
             ro = rollout(model, self.tokenizer, batch, self.reward_fn, group_size=s.group_size, num_iter=s.num_iter,
                          cfg=s.rollout_cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
                          num_steps=s.rollout_steps, generator=self.generator, credit=s.credit,
-                         shared_orders=s.shared_orders)
+                         shared_orders=s.shared_orders, scale_rewards=s.scale_rewards)
         selection = select_transitions(ro.steps, s.rl_step_ratio, s.diffusion_step_ratio, s.min_sigma,
                                        s.sigma_mode, generator=self.generator)
         prepare_update(ro, selection, s.min_sigma, s.sigma_mode)
@@ -647,7 +667,8 @@ class GRPOStage:
                             rollout_cfg=c.rollout_cfg, cfg_schedule=c.cfg_schedule, temperature=c.temperature,
                             rollout_steps=c.rollout_steps, min_sigma=c.min_sigma, sigma_mode=c.sigma_mode,
                             inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum,
-                            math_attention=c.math_attention, credit=c.credit, shared_orders=c.shared_orders)
+                            math_attention=c.math_attention, credit=c.credit, shared_orders=c.shared_orders,
+                            scale_rewards=c.scale_rewards)
 
     def trainable(self, name: str) -> bool:
         return self.cfg.train_head or not name.startswith("diffloss.")

@@ -74,6 +74,28 @@ def test_group_advantages_normalise_within_groups_and_equal_groups_give_zero():
         group_advantages(torch.ones(6), 4)
 
 
+def test_batch_and_unscaled_advantages_keep_each_groups_spread():
+    """group scaling gives a group of near-equal rewards the same unit spread as one of wide gaps; batch and
+    none keep their ratio (one common scale, or none), and all three agree in sign and give equal groups 0."""
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.50, 0.51, 0.50, 0.51, 0.3, 0.3, 0.3, 0.3])
+    by_group, by_batch, raw = (group_advantages(rewards, 4, scale) for scale in ("group", "batch", "none"))
+    assert torch.allclose(raw, torch.tensor([-0.5, 0.5] * 2 + [-0.005, 0.005] * 2 + [0.0] * 4), atol=1e-6)
+    assert by_group[:8].abs().tolist() == pytest.approx([1.0] * 8)
+    assert by_batch[:4].abs().min() / by_batch[4:8].abs().max() == pytest.approx(100.0, rel=1e-3)
+    # one std over the groups that differ: the centred rewards' root mean square is 1 there
+    assert by_batch[:8].pow(2).mean().item() == pytest.approx(1.0, rel=1e-5)
+    for adv in (by_group, by_batch, raw):
+        assert torch.equal(adv[8:], torch.zeros(4)) and torch.equal(adv.sign(), raw.sign())
+    with pytest.raises(ValueError, match="scale_rewards 'std'"):
+        group_advantages(rewards, 4, "std")
+    # box credit scales per box the same way
+    box_rewards = torch.tensor([[1.0, 0.50], [0.0, 0.51]])
+    box_adv = box_credit_advantages(box_rewards, torch.ones(2, 2, dtype=torch.bool),
+                                    torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]).expand(2, 2, 4),
+                                    torch.zeros(2), group_size=2, grid_size=2, scale="none")
+    assert torch.allclose(box_adv, torch.tensor([[0.5, -0.005, 0.5, -0.005], [-0.5, 0.005, -0.5, 0.005]]))
+
+
 def test_groups_are_consecutive_copies_and_empty_layouts_are_dropped_with_a_count():
     cfg = make_model().cfg
     batch = conditions(cfg, B=3)
@@ -507,6 +529,11 @@ def test_every_rl_flag_maps_to_the_rl_config():
     cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
     assert cfg.math_attention is False
     assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().math_attention is False
+    args = rl.parse_args(["--resume", "x", "--scale_rewards", "batch"])
+    cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().scale_rewards == "batch"
+    with pytest.raises(ValueError, match="scale_rewards 'std'"):
+        RLConfig(resume="x", scale_rewards="std").validate()
 
 
 def test_rl_detector_errors_come_before_any_rollout(shapes_run, tmp_path, capsys):
