@@ -528,17 +528,7 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
         return None
 
     parts = _wait_for_parts(parts_dir, world_size, fingerprint, opts.gather_timeout)
-    order = np.argsort(np.concatenate([p["index"] for p in parts]), kind="stable")
-    merged = {}
-    for key in part:
-        if key in ("fingerprint", "index", "generate_seconds"):
-            continue
-        if key.startswith(("features", "clip")):  # None where the metric is off (or the rank had no batch)
-            pieces = [p[key] for p in parts if p[key] is not None]
-            merged[key] = torch.cat(pieces)[order] if pieces else None
-        else:
-            flat = [d for p in parts for d in p[key]]
-            merged[key] = [flat[i] for i in order]
+    merged = merge_parts(parts)
     results = _report(opts, gen, coco, layouts, detectors, merged, world_size,
                       sum(p["generate_seconds"] for p in parts))
     results["seconds_total"] = time.monotonic() - started
@@ -547,6 +537,90 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(results_markdown(results))
     return results
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """The ranks' per-layout results (detections, features, CLIP scores) in layout order."""
+    order = np.argsort(np.concatenate([p["index"] for p in parts]), kind="stable")
+    merged = {}
+    for key in parts[0]:
+        if key in ("fingerprint", "index", "generate_seconds"):
+            continue
+        if key.startswith(("features", "clip")):  # None where the metric is off (or the rank had no batch)
+            pieces = [p[key] for p in parts if p[key] is not None]
+            merged[key] = torch.cat(pieces)[order] if pieces else None
+        else:
+            flat = [d for p in parts for d in p[key]]
+            merged[key] = [flat[i] for i in order]
+    return merged
+
+
+def load_evaluation(out: str, coco_root: str | None = None) -> dict:
+    """A finished evaluation in `out` (results.json and parts/): {"results", "targets", "detections",
+    "categories"}, with each layout's (normalised xyxy boxes, category ids) and the evaluation detector's
+    detections on its generated image, in layout order. `coco_root` overrides the recorded one."""
+    from structmar.coco import CocoLayouts
+
+    path = os.path.join(out, "results.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {out} is not a finished structmar eval output directory")
+    with open(path) as f:
+        results = json.load(f)
+    world = results["world_size"]
+    parts = []
+    for r in range(world):
+        part_path = os.path.join(out, "parts", f"rank{r:04d}-of-{world:04d}.pt")
+        if not os.path.isfile(part_path):
+            raise FileNotFoundError(f"{part_path} is missing: the evaluation in {out} did not finish")
+        parts.append(torch.load(part_path, map_location="cpu", weights_only=True))
+    if len({p["fingerprint"] for p in parts}) != 1:
+        raise ValueError(f"{out}/parts holds the results of more than one evaluation; rerun structmar eval")
+    root = coco_root or results["coco_root"]
+    coco = CocoLayouts(root, results["coco_split"], image_size=results["image_size"],
+                       max_objects=results.get("max_objects", 16))
+    targets = [(lay.boxes, lay.category_ids) for lay in coco.layouts[:results["num_layouts"]]]
+    if sum(len(t[0]) for t in targets) != results["num_objects"]:
+        raise ValueError(f"{root}/{results['coco_split']} gives other layouts than those {out} scored "
+                         f"({sum(len(t[0]) for t in targets)} objects, not {results['num_objects']})")
+    return dict(results=results, targets=targets, detections=merge_parts(parts)["eval_generated"],
+                categories=coco.categories)
+
+
+def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
+    """b minus a, two evaluations (`load_evaluation`) of the same layouts, with standard errors of the paired
+    difference: AP50 from `bootstrap` resamples of the layouts shared by both (seeded), the success rate and
+    the reward over images. Each layout's own difficulty cancels, so a difference far smaller than either
+    figure's own standard error can show: what comparing two GRPO arms, or an arm and its control, needs."""
+    from structmar.reward import RewardWeights, layout_metrics, layout_rewards, match_layout
+
+    same = len(a["targets"]) == len(b["targets"]) and all(
+        np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a["targets"], b["targets"]))
+    if not same:
+        raise ValueError("the two evaluations scored different layouts: compare evaluations of one split and count")
+    if a["results"]["image_size"] != b["results"]["image_size"]:
+        raise ValueError("the two evaluations generated images of different sizes")
+    targets, size = a["targets"], (a["results"]["image_size"],) * 2
+    n = len(targets)
+
+    def successes(detections):
+        return np.array([(match_layout(d, boxes, labels, size).iou >= 0.5).sum()
+                         for d, (boxes, labels) in zip(detections, targets)], dtype=np.float64)
+
+    def ap50(detections, idx):
+        return layout_metrics([detections[i] for i in idx], [targets[i] for i in idx], size, a["categories"])["ap50"]
+
+    counts = np.array([len(t[0]) for t in targets], dtype=np.float64)
+    hits = successes(b["detections"]) - successes(a["detections"])
+    rewards = [layout_rewards(e["detections"], targets, size, RewardWeights())[0].double().numpy() for e in (a, b)]
+    rng = np.random.default_rng(0)
+    draws = [ap50(b["detections"], idx) - ap50(a["detections"], idx)
+             for idx in (rng.integers(0, n, n) for _ in range(bootstrap))]
+    everything = np.arange(n)
+    reward, reward_se = _mean_se(rewards[1] - rewards[0])
+    return dict(num_layouts=n, ap50=ap50(b["detections"], everything) - ap50(a["detections"], everything),
+                ap50_se=float(np.std(draws, ddof=1)) if bootstrap > 1 else None,
+                success_rate=float(hits.sum() / counts.sum()), success_rate_se=_ratio_se(hits, counts),
+                reward=reward, reward_se=reward_se)
 
 
 def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_seconds) -> dict:
@@ -593,7 +667,8 @@ def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_se
     figures = _write_figures(opts, coco, layouts)
     return dict(
         checkpoint=gen.checkpoint, weights="ema" if gen.ema else "model", coco_root=opts.coco_root,
-        coco_split=opts.coco_split, num_layouts=len(layouts), num_objects=int(sum(len(t[0]) for t in targets)),
+        coco_split=opts.coco_split, num_layouts=len(layouts), max_objects=coco.max_objects,
+        num_objects=int(sum(len(t[0]) for t in targets)),
         image_size=size[0], caption="first caption of each image",
         sampling=dict(num_iter=opts.num_iter, cfg=opts.cfg, cfg_schedule=opts.cfg_schedule,
                       temperature=opts.temperature, seed=opts.seed, batch_size=opts.batch_size),

@@ -18,6 +18,8 @@ from structmar.evaluate import (
     frechet_distance,
     image_grid,
     inception_features,
+    load_evaluation,
+    paired_difference,
     run_eval,
 )
 from structmar.model import StructMAR, write_export
@@ -229,6 +231,29 @@ def test_eval_split_over_ranks_matches_one_process(shapes_eval, single_process, 
     assert results["layout"] == expected["layout"]
     assert results["fid"]["value"] == pytest.approx(expected["fid"]["value"], rel=1e-9)
     assert results["clip_score"] == expected["clip_score"]
+
+
+def test_paired_difference_of_two_evaluations(shapes_eval, single_process, tmp_path):
+    """B minus A on the same layouts equals the difference of their own figures; an evaluation against itself
+    differs by 0 with standard error 0; other layouts or an unfinished directory are refused by name."""
+    out, results = single_process
+    a = load_evaluation(str(out))
+    assert len(a["targets"]) == len(a["detections"]) == 16 and a["results"] == results
+    assert paired_difference(a, a, bootstrap=5) == dict(num_layouts=16, ap50=0.0, ap50_se=0.0, success_rate=0.0,
+                                                        success_rate_se=0.0, reward=0.0, reward_se=0.0)
+    other = run_eval(_options(shapes_eval, tmp_path / "seed6", seed=6, clip_score_path=None, inception_path=None,
+                              num_grids=0), rank=0, world_size=1)
+    diff = paired_difference(a, load_evaluation(str(tmp_path / "seed6")), bootstrap=20)
+    mine, theirs = results["layout"]["eval"]["generated"], other["layout"]["eval"]["generated"]
+    for key in ("ap50", "success_rate", "reward"):
+        assert diff[key] == pytest.approx(theirs[key] - mine[key], abs=1e-9), key
+    assert diff["reward_se"] > 0 and diff["ap50_se"] is not None  # (an untrained model matches no box)
+    run_eval(_options(shapes_eval, tmp_path / "fewer", num_layouts=8, clip_score_path=None, inception_path=None,
+                      num_grids=0), rank=0, world_size=1)
+    with pytest.raises(ValueError, match="scored different layouts"):
+        paired_difference(a, load_evaluation(str(tmp_path / "fewer")))
+    with pytest.raises(FileNotFoundError, match="absent/results.json is missing"):
+        load_evaluation(str(tmp_path / "absent"))
 
 
 def test_eval_errors(shapes_eval, tmp_path, capsys):

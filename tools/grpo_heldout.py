@@ -12,7 +12,8 @@ N(0, 1), a policy gradient of the real one's size and no direction (an arm that 
 has moved its weights by noise); a control still measures and logs its rollouts' layout reward. It prints
 one JSON line (the arm, its figures with standard errors, the per-step training reward (the layout
 reward's) and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
-CPU, plus ~40 s per evaluation.
+CPU, plus ~40 s per evaluation. tools/compare_evals.py gives the paired difference of two arms' evaluations
+(RUN/eval_raw, RUN/eval_raw_rollout_temperature, RUN/eval_ema), e.g. an arm minus its control.
 
     bash tools/demo.sh                               # output/demo with stage2_full
     python tools/grpo_heldout.py output/demo output/arms/b8_g4 --set batch_size=8 --set group_size=4
