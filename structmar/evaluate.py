@@ -532,10 +532,8 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
     results = _report(opts, gen, coco, layouts, detectors, merged, world_size,
                       sum(p["generate_seconds"] for p in parts))
     results["seconds_total"] = time.monotonic() - started
-    with open(os.path.join(opts.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(opts.out, "results.md"), "w") as f:
-        f.write(results_markdown(results))
+    atomic.write_text(os.path.join(opts.out, "results.json"), json.dumps(results, indent=2))
+    atomic.write_text(os.path.join(opts.out, "results.md"), results_markdown(results))
     return results
 
 
