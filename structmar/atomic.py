@@ -11,20 +11,34 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 
-def write_with(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write(f)` on a temp file in `path`'s directory, then move it to `path` atomically."""
+def write_path(path: str, write: Callable[[str], object]) -> None:
+    """Call `write(tmp)` with a temp path in `path`'s directory, then move the file to `path` atomically.
+
+    For libraries that write to a path themselves (safetensors' save_file, PIL)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def write_with(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write(f)` on a temp file in `path`'s directory, then move it to `path` atomically."""
+
+    def to(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    write_path(path, to)
 
 
 def write_bytes(path: str, data: bytes) -> None:

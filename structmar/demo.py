@@ -265,6 +265,6 @@ def write_report(demo: DemoConfig, results: dict, timings: dict, random_clip: bo
         lines.append(f"- {name}: ![{name}](eval/{name}/figures/generated_00.png)")
     path = os.path.join(demo.out, "report.md")
     atomic.write_text(path, "\n".join(lines) + "\n")
-    with open(os.path.join(demo.out, "results.json"), "w") as f:
-        json.dump(dict(config=dataclasses.asdict(demo), results=results, timings=timings), f, indent=1)
+    atomic.write_text(os.path.join(demo.out, "results.json"),
+                      json.dumps(dict(config=dataclasses.asdict(demo), results=results, timings=timings), indent=1))
     return path

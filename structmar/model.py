@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from structmar import atomic
 from structmar.attention import (
     BOX,
     IMAGE,
@@ -496,9 +497,7 @@ def write_export(path: str, model_sd: dict, ema_sd: dict, model_cfg: ModelConfig
     # safetensors refuses shared storage; an EMA entry may alias its model entry (frozen tensors, buffers)
     tensors.update({f"model_ema.{k}": v.detach().cpu().clone() for k, v in ema_sd.items()})
     metadata = {"config": json.dumps(model_cfg.to_dict()), **{k: str(v) for k, v in (meta or {}).items()}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    atomic.write_path(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_weights(model: nn.Module, state_dict: dict) -> LoadReport:

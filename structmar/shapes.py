@@ -30,6 +30,8 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 from tqdm import tqdm
 
+from structmar import atomic
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> (RGB, hue in degrees)
     "red": ((220, 40, 40), 0.0),
@@ -244,10 +246,10 @@ def _write_split(root: str, split: str, count: int, size: int, seed: int, worker
         licenses=[dict(id=1, name="generated", url="")],
     )
     categories = [dict(id=c.id, name=c.name, supercategory=c.shape) for c in CATEGORIES]
-    with open(os.path.join(root, "annotations", f"instances_{split}2014.json"), "w") as f:
-        json.dump(dict(header, images=images, annotations=instances, categories=categories), f)
-    with open(os.path.join(root, "annotations", f"captions_{split}2014.json"), "w") as f:
-        json.dump(dict(header, images=images, annotations=captions), f)
+    atomic.write_text(os.path.join(root, "annotations", f"instances_{split}2014.json"),
+                      json.dumps(dict(header, images=images, annotations=instances, categories=categories)))
+    atomic.write_text(os.path.join(root, "annotations", f"captions_{split}2014.json"),
+                      json.dumps(dict(header, images=images, annotations=captions)))
 
 
 def generate_shapes(

@@ -14,6 +14,8 @@ import shutil
 import torch
 import torch.nn as nn
 
+from structmar import atomic
+
 CLIP_MAX_LENGTH = 77  # CLIP's context length
 
 CLIP_HOWTO = (
@@ -171,10 +173,8 @@ def _write_clip_files(path: str, seed: int, size: str, words, centre_on) -> None
     merges = _word_merges(w for w in words if len(w) > 1)
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    atomic.write_text(os.path.join(path, "vocab.json"), json.dumps(vocab))
+    atomic.write_text(os.path.join(path, "merges.txt"), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
     config = CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=CLIP_MAX_LENGTH,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

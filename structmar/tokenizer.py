@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from structmar import atomic
+
 # Multiplying a posterior sample by the scale gives latents of roughly unit std (MAR's value for kl16).
 LATENT_SCALES = {"kl16": 0.2325, "pixel": 1.0}
 
@@ -295,7 +297,7 @@ def write_random_kl16(path: str, seed: int = 0, ch: int = 32, extra_loss_keys: b
         state["loss.logvar"] = torch.zeros(())
         state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": state}, path)
+    atomic.torch_save({"model": state}, path)
 
 
 # ---- pixel tokenizer ------------------------------------------------------------------------------

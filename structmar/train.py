@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from structmar import atomic
 from structmar import engine as eng
 from structmar.config import ModelConfig, TrainConfig
 from structmar.model import EXPORT, write_export
@@ -283,9 +284,9 @@ def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -
     logger = eng.make_logger(env, log_dir, os.path.join(cfg.output_dir, LOG))
     if env.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
-            json.dump({"train": cfg.to_dict(), "model": model_cfg.to_dict(), "world_size": env.world_size}, f,
-                      indent=1)
+        atomic.write_text(os.path.join(cfg.output_dir, "train_config.json"),
+                          json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict(),
+                                      "world_size": env.world_size}, indent=1))
     for line in log_lines + [
         f"{stage}: {n_train / 1e6:.2f}M trainable parameters, {env.world_size} ranks x batch "
         f"{cfg.batch_size} x accum {cfg.grad_accum} = {global_batch}, lr {base_lr:.3g}, ZeRO-{engine.zero_stage}, "

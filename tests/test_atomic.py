@@ -24,3 +24,19 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temp(tmp_path):
     atomic.torch_save({"w": torch.arange(3)}, str(tmp_path / "t.pt"))
     assert torch.load(tmp_path / "t.pt", weights_only=True)["w"].tolist() == [0, 1, 2]
     assert sorted(os.listdir(tmp_path)) == ["state.json", "t.pt"]
+
+
+def test_a_library_that_writes_to_a_path_publishes_only_complete_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "w.safetensors")
+    atomic.write_path(path, lambda tmp: save_file({"w": torch.ones(2)}, tmp))
+
+    def dies_after_writing(tmp):
+        save_file({"w": torch.zeros(2)}, tmp)
+        raise KeyboardInterrupt  # killed after the library wrote, before the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_path(path, dies_after_writing)
+    assert load_file(path)["w"].tolist() == [1.0, 1.0]
+    assert os.listdir(tmp_path) == ["w.safetensors"]
