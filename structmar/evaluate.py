@@ -328,8 +328,7 @@ def sample_layout(gen: Sampler, spec, out: str, num_images: int = 4, batch_size:
     record = dict(caption=spec.caption, boxes=spec.boxes.tolist(), tags=spec.tags, checkpoint=gen.checkpoint,
                   weights="ema" if gen.ema else "model", seed=seed, num_images=num_images, batch_size=batch_size,
                   **sampling)
-    with open(os.path.join(out, "sample.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    atomic.write_text(os.path.join(out, "sample.json"), json.dumps(record, indent=2))
     return [*paths, grid, os.path.join(out, "sample.json")]
 
 
@@ -384,6 +383,20 @@ def _ratio_se(numerators, denominators) -> float | None:
     return float(math.sqrt(n / (n - 1) * np.square(residual).sum()) / total)
 
 
+def per_image_matches(detections, layouts, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Per image, from its Hungarian match to its layout: objects, successes (IoU >= 0.5), matched objects,
+    and the sums of IoU and centroid distance over the matched ones: what standard errors over images need."""
+    from structmar.reward import match_layout
+
+    rows = []
+    for det, (boxes, labels) in zip(detections, layouts):
+        m = match_layout(det, boxes, labels, image_size)
+        hit = m.det_index >= 0
+        rows.append((len(boxes), (m.iou >= 0.5).sum(), hit.sum(), m.iou[hit].sum(), m.centroid[hit].sum()))
+    columns = np.array(rows, dtype=np.float64).reshape(-1, 5).T
+    return dict(zip(("objects", "successes", "matched", "iou_sum", "centroid_sum"), columns))
+
+
 def layout_scores(detections, layouts, image_size: tuple[int, int], categories: dict[int, str],
                   bootstrap: int = 0) -> dict:
     """reward.layout_metrics plus standard errors over images and the mean GRPO-style reward.
@@ -391,7 +404,7 @@ def layout_scores(detections, layouts, image_size: tuple[int, int], categories: 
     AP is not a mean over images, so its standard errors (`ap_se`, `ap50_se`) come from `bootstrap`
     resamples of the images (seeded, so a rerun reports the same figures); 0 leaves them out.
     """
-    from structmar.reward import RewardWeights, layout_metrics, layout_rewards, match_layout
+    from structmar.reward import RewardWeights, layout_metrics, layout_rewards
 
     result = layout_metrics(detections, layouts, image_size, categories)
     if bootstrap:
@@ -402,18 +415,10 @@ def layout_scores(detections, layouts, image_size: tuple[int, int], categories: 
             m = layout_metrics([detections[i] for i in idx], [layouts[i] for i in idx], image_size, categories)
             draws.append((m["ap"], m["ap50"]))
         result["ap_se"], result["ap50_se"] = (float(v) for v in np.std(np.array(draws), axis=0, ddof=1))
-    counts, successes, matched, iou_sums, dist_sums = [], [], [], [], []
-    for det, (boxes, labels) in zip(detections, layouts):
-        m = match_layout(det, boxes, labels, image_size)
-        hit = m.det_index >= 0
-        counts.append(len(boxes))
-        successes.append(int((m.iou >= 0.5).sum()))
-        matched.append(int(hit.sum()))
-        iou_sums.append(float(m.iou[hit].sum()))
-        dist_sums.append(float(m.centroid[hit].sum()))
-    result["success_rate_se"] = _ratio_se(successes, counts)
-    result["mean_iou_se"] = _ratio_se(iou_sums, matched)
-    result["centroid_distance_se"] = _ratio_se(dist_sums, matched)
+    per = per_image_matches(detections, layouts, image_size)
+    result["success_rate_se"] = _ratio_se(per["successes"], per["objects"])
+    result["mean_iou_se"] = _ratio_se(per["iou_sum"], per["matched"])
+    result["centroid_distance_se"] = _ratio_se(per["centroid_sum"], per["matched"])
     reward, _ = layout_rewards(detections, layouts, image_size, RewardWeights())
     result["reward"], result["reward_se"] = _mean_se(reward.numpy())
     return result
@@ -589,7 +594,7 @@ def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
     difference: AP50 from `bootstrap` resamples of the layouts shared by both (seeded), the success rate and
     the reward over images. Each layout's own difficulty cancels, so a difference far smaller than either
     figure's own standard error can show: what comparing two GRPO arms, or an arm and its control, needs."""
-    from structmar.reward import RewardWeights, layout_metrics, layout_rewards, match_layout
+    from structmar.reward import RewardWeights, layout_metrics, layout_rewards
 
     same = len(a["targets"]) == len(b["targets"]) and all(
         np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a["targets"], b["targets"]))
@@ -600,15 +605,11 @@ def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
     targets, size = a["targets"], (a["results"]["image_size"],) * 2
     n = len(targets)
 
-    def successes(detections):
-        return np.array([(match_layout(d, boxes, labels, size).iou >= 0.5).sum()
-                         for d, (boxes, labels) in zip(detections, targets)], dtype=np.float64)
-
     def ap50(detections, idx):
         return layout_metrics([detections[i] for i in idx], [targets[i] for i in idx], size, a["categories"])["ap50"]
 
-    counts = np.array([len(t[0]) for t in targets], dtype=np.float64)
-    hits = successes(b["detections"]) - successes(a["detections"])
+    per_a, per_b = (per_image_matches(e["detections"], targets, size) for e in (a, b))
+    counts, hits = per_a["objects"], per_b["successes"] - per_a["successes"]
     rewards = [layout_rewards(e["detections"], targets, size, RewardWeights())[0].double().numpy() for e in (a, b)]
     rng = np.random.default_rng(0)
     draws = [ap50(b["detections"], idx) - ap50(a["detections"], idx)
