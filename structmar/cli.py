@@ -286,6 +286,13 @@ def _add_rl(sub) -> None:
                         "so only that share's graph is in memory at once")
     p.add_argument("--anchor_coef", type=float, default=d.anchor_coef,
                    help="weight of the supervised loss kept as an anchor (0: off)")
+    p.add_argument("--best_of_group_coef", type=float, default=d.best_of_group_coef,
+                   help="weight of the supervised loss on each group's highest-reward rollout, its generated "
+                        "latents as the target (reward-ranked fine-tuning on the policy's own samples; groups "
+                        "whose rewards are all equal are left out; 0: off)")
+    p.add_argument("--policy_coef", type=float, default=d.policy_coef,
+                   help="weight of the clipped policy objective with its KL term (0: only the supervised terms "
+                        "train; ratio and KL are still logged)")
     p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
     p.add_argument("--credit", default=d.credit, choices=CREDITS,
                    help="image: every token of a rollout gets its image's advantage; box: each box's reward is "

@@ -298,6 +298,8 @@ class RLConfig(TrainConfig):
     sigma_mode: str = "exclude"
     inner_steps: int = 1  # optimizer steps per rollout
     anchor_coef: float = 0.0  # weight of the supervised loss kept as an anchor
+    best_of_group_coef: float = 0.0  # weight of the supervised loss on each group's highest-reward rollout
+    policy_coef: float = 1.0  # weight of the clipped policy objective with its KL term
     credit: str = "image"  # image: a token's advantage is its image's; box: that of the boxes covering it
     shared_orders: bool = False  # the rollouts of a group share one generation order
     scale_rewards: str = "group"  # centred rewards / group std, / one std over the batch, or unscaled
@@ -332,6 +334,11 @@ class RLConfig(TrainConfig):
                 raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
         if self.rollout_steps is not None and self.rollout_steps < 2:
             raise ValueError(f"rollout_steps must be >= 2, got {self.rollout_steps}")
+        for name in ("anchor_coef", "best_of_group_coef", "policy_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.policy_coef == 0 and self.anchor_coef == 0 and self.best_of_group_coef == 0:
+            raise ValueError("policy_coef, anchor_coef and best_of_group_coef are all 0: nothing would train")
         if self.clip_range <= 0 or self.kl_coef < 0 or self.min_sigma < 0 or self.temperature <= 0:
             raise ValueError("clip_range and temperature must be > 0; kl_coef and min_sigma >= 0")
         if self.lr is None or self.lr <= 0:

@@ -17,6 +17,11 @@ One GRPO step on a batch of layouts and captions:
      enters PPO's clipped objective with its image's advantage; a closed-form KL to a frozen reference
      (equal sigma: |mu_theta - mu_ref|^2 / 2 sigma^2) is added with weight `kl_coef`.
 
+Supervised terms beside the policy objective: `anchor_coef` keeps the model loss on the batch's own latents
+(the dataset's images), and `best_of_group_coef` adds the model loss on each group's highest-reward
+rollout (reward-ranked fine-tuning on the policy's own samples: a low-variance use of the same rewards);
+`policy_coef` weights the clipped objective with its KL term (0: only the supervised terms train).
+
 The reference is a frozen copy of the stage's starting weights that lives on the CPU (`ReferencePolicy`);
 its means are computed once per rollout and reused by every update on that rollout.
 
@@ -43,7 +48,7 @@ import torch
 
 from structmar.config import CREDITS, REWARD_SCALES, RLConfig
 from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
-from structmar.model import StructMAR, patchify, sample_orders
+from structmar.model import StructMAR, patchify, sample_orders, unpatchify
 from structmar.sample import ARStep, sample_latents
 
 RewardFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -56,14 +61,20 @@ BOX_REWARDS = "per_box"
 # ---- batches and groups ---------------------------------------------------------------------------
 
 
+def rows_of(batch: dict, index: torch.Tensor) -> dict:
+    """The batch's rows at `index` (a bool mask or row numbers); entries that are not per-row stay whole."""
+    n = batch["box_mask"].shape[0]
+    return {k: v[index.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in batch.items()}
+
+
 def drop_empty_layouts(batch: dict) -> tuple[dict, int]:
     """Remove rows without a real box (a layout reward needs one); returns (batch, rows removed)."""
     keep = batch["box_mask"].bool().any(1)
     dropped = int((~keep).sum())
     if dropped == 0:
         return batch, 0
-    return {k: v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == keep.shape[0] else v
-            for k, v in batch.items()}, dropped
+    return rows_of(batch, keep), dropped
 
 
 def repeat_groups(batch: dict, group_size: int) -> dict:
@@ -122,6 +133,21 @@ def box_credit_advantages(box_rewards: torch.Tensor, box_mask: torch.Tensor, box
     count = covers.sum(-1)
     token_adv = (covers * adv[:, None, :]).sum(-1) / count.clamp(min=1)
     return torch.where(count > 0, token_adv, image_advantages.float().cpu()[:, None])
+
+
+def best_of_groups(ro: Rollout, group_size: int, grid_size: int) -> tuple[dict, torch.Tensor, int]:
+    """The highest-reward rollout of each ranked group (rewards not all equal) as a training batch (its
+    condition, its generated latents as the target), the rewards picked, and the count of ranked groups.
+    With none ranked: every group's first rollout and a count of 0, for the caller to weight 0 (so that a
+    rank's backward still reaches the parameters every other rank's does: ZeRO reduces them together)."""
+    rewards = ro.rewards.reshape(-1, group_size)
+    ranked = rewards.max(1).values > rewards.min(1).values
+    rows = torch.arange(rewards.shape[0]) * group_size + rewards.argmax(1)
+    if ranked.any():
+        rows = rows[ranked]
+    batch = rows_of(ro.batch, rows)
+    batch["latents"] = unpatchify(ro.tokens[rows.to(ro.tokens.device)], grid_size)
+    return batch, ro.rewards[rows], int(ranked.sum())
 
 
 def layouts_of(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -498,6 +524,8 @@ class GRPOSettings:
     ar_chunks: int = 1
     math_attention: bool = RLConfig.math_attention  # SDPA's math kernel in rollout and recomputation (ratio 1)
     anchor_coef: float = RLConfig.anchor_coef  # weight of the supervised model loss kept as an anchor (0: off)
+    best_of_group_coef: float = RLConfig.best_of_group_coef  # the model loss on each group's best rollout
+    policy_coef: float = RLConfig.policy_coef  # weight of the clipped objective and its KL term
     credit: str = RLConfig.credit  # image: every token gets its image's advantage; box: its boxes' (see rollout)
     shared_orders: bool = RLConfig.shared_orders  # one generation order per group (see rollout)
     scale_rewards: str = RLConfig.scale_rewards  # how centred rewards are scaled (normalise_in_groups)
@@ -567,10 +595,11 @@ class GRPOObjective:
         self.uses += 1
         model.eval()
         t0 = time.perf_counter()
-        with self._kernels():
+        # policy_coef 0: the ratio and KL are still measured (logged), without a graph
+        with self._kernels(), torch.set_grad_enabled(s.policy_coef != 0 and torch.is_grad_enabled()):
             means = recompute_means(model, ro, s.rollout_steps)
         parts = clipped_loss(ro, means, s.clip_range, s.kl_coef)
-        loss = parts.loss
+        loss = s.policy_coef * parts.loss
         metrics = {
             "reward_mean": ro.rewards.mean(), "reward_std": ro.rewards.std(unbiased=False),
             "advantage_mean": ro.advantages.mean(), "advantage_std": ro.advantages.std(unbiased=False),
@@ -587,6 +616,12 @@ class GRPOObjective:
             anchor, _ = model(batch)
             loss = loss + s.anchor_coef * anchor
             metrics["anchor_loss"] = anchor.detach()
+        if s.best_of_group_coef > 0:
+            best, picked, ranked = best_of_groups(ro, s.group_size, model.cfg.grid_size)
+            own, _ = model(best)
+            loss = loss + s.best_of_group_coef * float(ranked > 0) * own
+            metrics.update(best_of_group_loss=own.detach(), best_of_group_reward=picked.mean(),
+                           ranked_groups=ranked / (ro.rewards.shape[0] // s.group_size))
         if first_use:  # time the rollout once per rollout; images/s over the rollout alone
             metrics.update({"time_rollout_s": ro.times["rollout"], "time_reward_s": ro.times["reward"],
                             "time_reference_s": ro.times["reference"],
@@ -668,7 +703,8 @@ class GRPOStage:
                             rollout_steps=c.rollout_steps, min_sigma=c.min_sigma, sigma_mode=c.sigma_mode,
                             inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum,
                             math_attention=c.math_attention, credit=c.credit, shared_orders=c.shared_orders,
-                            scale_rewards=c.scale_rewards)
+                            scale_rewards=c.scale_rewards, best_of_group_coef=c.best_of_group_coef,
+                            policy_coef=c.policy_coef)
 
     def trainable(self, name: str) -> bool:
         return self.cfg.train_head or not name.startswith("diffloss.")

@@ -15,6 +15,7 @@ from structmar.grpo import (
     GRPOSettings,
     GRPOStage,
     ReferencePolicy,
+    best_of_groups,
     box_credit_advantages,
     chunk_of,
     clipped_loss,
@@ -31,7 +32,7 @@ from structmar.grpo import (
     rollout,
     select_transitions,
 )
-from structmar.model import StructMAR
+from structmar.model import StructMAR, unpatchify
 from structmar.tokenizer import build_tokenizer
 
 TOK = build_tokenizer("pixel", pixel_patch=4)
@@ -307,6 +308,42 @@ def test_ar_chunks_split_the_selected_steps_across_backward_passes():
         chunk_of(ro, 3, 4)
 
 
+def test_best_of_group_picks_each_ranked_groups_best_rollout_as_a_training_batch():
+    model = make_model()
+    ro = _rollout(model, B=3, group_size=3)
+    ro.rewards = torch.tensor([0.1, 0.7, 0.3, 0.5, 0.5, 0.5, -0.2, -0.9, -0.1])  # group 1 is all ties
+    batch, picked, ranked = best_of_groups(ro, 3, model.cfg.grid_size)
+    assert ranked == 2 and picked.tolist() == pytest.approx([0.7, -0.1])
+    rows = [1, 8]
+    assert torch.equal(batch["latents"], unpatchify(ro.tokens[rows], model.cfg.grid_size))
+    for key in ("boxes", "box_mask", "text_tokens", "tag_embeds"):
+        assert torch.equal(batch[key], ro.batch[key][rows])
+    loss, _ = model(batch)  # a batch the model trains on
+    assert torch.isfinite(loss)
+    ro.rewards = torch.zeros(9)  # no group ranked: every group's first rollout, for the caller to weight 0
+    batch, picked, ranked = best_of_groups(ro, 3, model.cfg.grid_size)
+    assert ranked == 0 and torch.equal(batch["latents"], unpatchify(ro.tokens[[0, 3, 6]], model.cfg.grid_size))
+
+
+@pytest.mark.parametrize("policy_coef", [1.0, 0.0])
+def test_best_of_group_term_adds_to_the_policy_objective_or_replaces_it(policy_coef):
+    model = make_model()
+    settings = GRPOSettings(group_size=3, num_iter=2, min_sigma=0.0, kl_coef=0.1, best_of_group_coef=0.5,
+                            policy_coef=policy_coef)
+    objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0), 0.5), ReferencePolicy(model),
+                              generator=torch.Generator().manual_seed(0))
+    loss, m = objective.loss(model, conditions(model.cfg, B=2))
+    rewards = objective.current.rewards.reshape(2, 3)
+    assert float(m["best_of_group_reward"]) == pytest.approx(float(rewards.max(1).values.mean()))
+    assert float(m["ranked_groups"]) == 1.0
+    expected = policy_coef * (m["policy_loss"] + 0.1 * m["kl"]) + 0.5 * m["best_of_group_loss"]
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    assert m["ratio_max_dev"] < 1e-4  # the ratio is measured either way
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if not n.startswith("diffloss"))
+
+
 def test_a_rollout_in_use_survives_a_checkpoint():
     """The objective's state goes through torch.save / weights_only load; the restored objective's next
     update uses the same rollout, selection and reference means as the original's."""
@@ -534,6 +571,14 @@ def test_every_rl_flag_maps_to_the_rl_config():
     assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().scale_rewards == "batch"
     with pytest.raises(ValueError, match="scale_rewards 'std'"):
         RLConfig(resume="x", scale_rewards="std").validate()
+    args = rl.parse_args(["--resume", "x", "--best_of_group_coef", "0.5", "--policy_coef", "0"])
+    cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    settings = GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings()
+    assert (settings.best_of_group_coef, settings.policy_coef) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="all 0: nothing would train"):
+        RLConfig(resume="x", policy_coef=0.0).validate()
+    with pytest.raises(ValueError, match="best_of_group_coef must be >= 0"):
+        RLConfig(resume="x", best_of_group_coef=-1.0).validate()
 
 
 def test_rl_detector_errors_come_before_any_rollout(shapes_run, tmp_path, capsys):

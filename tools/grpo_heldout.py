@@ -9,9 +9,10 @@ evaluation temperature. Two controls replace the reward, with the same steps, da
 `--control constant` makes every advantage 0, so only the supervised anchor (`--anchor_coef`) trains (the
 policy term's whole effect is an arm minus this); `--control random` draws each rollout's reward from
 N(0, 1), a policy gradient of the real one's size and no direction (an arm that does no better than this
-has moved its weights by noise); a control still measures and logs its rollouts' layout reward. It prints
-one JSON line (the arm, its figures with standard errors, the per-step training reward (the layout
-reward's) and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
+has moved its weights by noise; with `--set best_of_group_coef=1` it trains on a random rollout of each
+group: self-distillation without the reward); a control still measures and logs its rollouts' layout
+reward. It prints one JSON line (the arm, its figures with standard errors, the per-step training reward
+(the layout reward's) and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
 CPU, plus ~40 s per evaluation. tools/compare_evals.py gives the paired difference of two arms' evaluations
 (RUN/eval_raw, RUN/eval_raw_rollout_temperature, RUN/eval_ema), e.g. an arm minus its control.
 
