@@ -292,7 +292,8 @@ def _add_rl(sub) -> None:
                         "whose rewards are all equal are left out; 0: off)")
     p.add_argument("--policy_coef", type=float, default=d.policy_coef,
                    help="weight of the clipped policy objective with its KL term (0: only the supervised terms "
-                        "train; ratio and KL are still logged)")
+                        "train, and rollouts keep no trajectories, the reference computes nothing and nothing "
+                        "is recomputed: no ratio or KL is logged, and --min_sigma does not apply)")
     p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
     p.add_argument("--credit", default=d.credit, choices=CREDITS,
                    help="image: every token of a rollout gets its image's advantage; box: each box's reward is "

@@ -20,7 +20,10 @@ One GRPO step on a batch of layouts and captions:
 Supervised terms beside the policy objective: `anchor_coef` keeps the model loss on the batch's own latents
 (the dataset's images), and `best_of_group_coef` adds the model loss on each group's highest-reward
 rollout (reward-ranked fine-tuning on the policy's own samples: a low-variance use of the same rewards);
-`policy_coef` weights the clipped objective with its KL term (0: only the supervised terms train).
+`policy_coef` weights the clipped objective with its KL term. At 0 only the supervised terms train and
+the step has no policy objective at all: rollouts keep no trajectories, no transitions are selected, the
+reference computes nothing and nothing is recomputed (ratio, KL and clip fraction are not logged; the
+rollout temperature is then free of `min_sigma`, e.g. the evaluation temperature for best-of-group).
 
 The reference is a frozen copy of the stage's starting weights that lives on the CPU (`ReferencePolicy`);
 its means are computed once per rollout and reused by every update on that rollout.
@@ -260,14 +263,15 @@ def rollout_from_state(state: dict) -> Rollout:
 def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, group_size: int, num_iter: int,
             cfg: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
             num_steps: int | None = None, generator: torch.Generator | None = None, credit: str = "image",
-            shared_orders: bool = False, scale_rewards: str = "group") -> Rollout:
+            shared_orders: bool = False, scale_rewards: str = "group", record: bool = True) -> Rollout:
     """Sample `group_size` images per condition with trajectories, decode, score and normalise in groups.
 
     credit="box" also gives every token the advantage of the boxes covering it (`box_credit_advantages`),
     from the per-box rewards the reward function returns under BOX_REWARDS. `shared_orders`: the rollouts
     of a group share one generation order, so their rewards differ only through the policy's own draws
     (the order is the sampler's, not an action the objective credits). `scale_rewards`: how advantages are
-    scaled after centring on the group mean (`normalise_in_groups`)."""
+    scaled after centring on the group mean (`normalise_in_groups`). `record=False` keeps no trajectories
+    (`steps` is empty: for the supervised terms alone, which need the final tokens only)."""
     if credit not in CREDITS:
         raise ValueError(f"credit {credit!r} is not one of {CREDITS}")
     t0 = time.perf_counter()
@@ -279,7 +283,7 @@ def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, gr
                                generator=generator).repeat_interleave(group_size, 0)
     with rollout_schedule(model.diffloss, num_steps):
         out = sample_latents(model, grouped, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                             temperature=temperature, generator=generator, record=True, orders=orders)
+                             temperature=temperature, generator=generator, record=record, orders=orders)
     images = ((tokenizer.decode(out.latents.float()).float() + 1) / 2).clamp(0, 1).cpu()  # (N, 3, H, W)
     t1 = time.perf_counter()
     rewards, components = reward_fn(images, grouped)
@@ -565,6 +569,11 @@ class GRPOObjective:
 
         return sdpa_kernel(SDPBackend.MATH) if self.s.math_attention else contextlib.nullcontext()
 
+    @property
+    def policy_free(self) -> bool:
+        """No policy objective (policy_coef 0): no trajectories, selection, reference or recomputation."""
+        return self.s.policy_coef == 0
+
     def new_rollout(self, model: StructMAR, batch: dict) -> Rollout:
         s = self.s
         batch, dropped = drop_empty_layouts(batch)
@@ -576,7 +585,11 @@ class GRPOObjective:
             ro = rollout(model, self.tokenizer, batch, self.reward_fn, group_size=s.group_size, num_iter=s.num_iter,
                          cfg=s.rollout_cfg, cfg_schedule=s.cfg_schedule, temperature=s.temperature,
                          num_steps=s.rollout_steps, generator=self.generator, credit=s.credit,
-                         shared_orders=s.shared_orders, scale_rewards=s.scale_rewards)
+                         shared_orders=s.shared_orders, scale_rewards=s.scale_rewards,
+                         record=not self.policy_free)
+        if self.policy_free:
+            ro.times["reference"] = 0.0
+            return ro
         selection = select_transitions(ro.steps, s.rl_step_ratio, s.diffusion_step_ratio, s.min_sigma,
                                        s.sigma_mode, generator=self.generator)
         prepare_update(ro, selection, s.min_sigma, s.sigma_mode)
@@ -590,25 +603,26 @@ class GRPOObjective:
         s = self.s
         if self.current is None or self.uses >= s.inner_steps * s.ar_chunks:
             self.current, self.uses = self.new_rollout(model, batch), 0
-        ro = chunk_of(self.current, self.uses % s.ar_chunks, s.ar_chunks)
+        ro = self.current if self.policy_free else chunk_of(self.current, self.uses % s.ar_chunks, s.ar_chunks)
         first_use = self.uses == 0
         self.uses += 1
         model.eval()
         t0 = time.perf_counter()
-        # policy_coef 0: the ratio and KL are still measured (logged), without a graph
-        with self._kernels(), torch.set_grad_enabled(s.policy_coef != 0 and torch.is_grad_enabled()):
-            means = recompute_means(model, ro, s.rollout_steps)
-        parts = clipped_loss(ro, means, s.clip_range, s.kl_coef)
-        loss = s.policy_coef * parts.loss
+        loss = torch.zeros((), device=ro.tokens.device)
         metrics = {
             "reward_mean": ro.rewards.mean(), "reward_std": ro.rewards.std(unbiased=False),
             "advantage_mean": ro.advantages.mean(), "advantage_std": ro.advantages.std(unbiased=False),
             "advantage_abs_max": ro.advantages.abs().max(),
             "zero_std_groups": (ro.advantages.reshape(-1, s.group_size).abs().sum(1) == 0).float().mean(),
-            "policy_loss": parts.policy_loss, "kl": parts.kl, "ratio_mean": parts.ratio_mean,
-            "ratio_max_dev": parts.ratio_max_dev, "clip_fraction": parts.clip_fraction,
-            "transitions": torch.tensor(float(parts.num_transitions)),
         }
+        if not self.policy_free:
+            with self._kernels():
+                means = recompute_means(model, ro, s.rollout_steps)
+            parts = clipped_loss(ro, means, s.clip_range, s.kl_coef)
+            loss = s.policy_coef * parts.loss
+            metrics.update(policy_loss=parts.policy_loss, kl=parts.kl, ratio_mean=parts.ratio_mean,
+                           ratio_max_dev=parts.ratio_max_dev, clip_fraction=parts.clip_fraction,
+                           transitions=torch.tensor(float(parts.num_transitions)))
         metrics.update({f"reward_{k}": v.mean() for k, v in ro.components.items()})
         if s.anchor_coef > 0:
             if "latents" not in batch:

@@ -328,20 +328,36 @@ def test_best_of_group_picks_each_ranked_groups_best_rollout_as_a_training_batch
 @pytest.mark.parametrize("policy_coef", [1.0, 0.0])
 def test_best_of_group_term_adds_to_the_policy_objective_or_replaces_it(policy_coef):
     model = make_model()
-    settings = GRPOSettings(group_size=3, num_iter=2, min_sigma=0.0, kl_coef=0.1, best_of_group_coef=0.5,
-                            policy_coef=policy_coef)
+    # min_sigma above every sigma: only an objective without the policy term can run at all
+    settings = GRPOSettings(group_size=3, num_iter=2, min_sigma=0.0 if policy_coef else 10.0, kl_coef=0.1,
+                            best_of_group_coef=0.5, policy_coef=policy_coef)
     objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0), 0.5), ReferencePolicy(model),
                               generator=torch.Generator().manual_seed(0))
     loss, m = objective.loss(model, conditions(model.cfg, B=2))
     rewards = objective.current.rewards.reshape(2, 3)
     assert float(m["best_of_group_reward"]) == pytest.approx(float(rewards.max(1).values.mean()))
     assert float(m["ranked_groups"]) == 1.0
-    expected = policy_coef * (m["policy_loss"] + 0.1 * m["kl"]) + 0.5 * m["best_of_group_loss"]
+    if policy_coef:
+        expected = policy_coef * (m["policy_loss"] + 0.1 * m["kl"]) + 0.5 * m["best_of_group_loss"]
+        assert m["ratio_max_dev"] < 1e-4
+    else:  # no trajectories kept, nothing selected, nothing asked of the reference, no policy figures
+        expected = 0.5 * m["best_of_group_loss"]
+        ro = objective.current
+        assert ro.steps == [] and ro.selection is None and ro.ref_means == [] and ro.times["reference"] == 0
+        assert not {"kl", "policy_loss", "ratio_mean", "clip_fraction"} & set(m)
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
-    assert m["ratio_max_dev"] < 1e-4  # the ratio is measured either way
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if not n.startswith("diffloss"))
+
+
+def test_a_rollout_without_trajectories_draws_the_same_images():
+    model = make_model()
+    batch, reward = conditions(model.cfg, B=2), colour_reward((1.0, 0.0, 0.0), 0.5)
+    kept, bare = (rollout(model, TOK, batch, reward, group_size=2, num_iter=3,
+                          generator=torch.Generator().manual_seed(3), record=record) for record in (True, False))
+    assert len(kept.steps) == 3 and bare.steps == []
+    assert torch.equal(kept.tokens, bare.tokens) and torch.equal(kept.rewards, bare.rewards)
 
 
 def test_a_rollout_in_use_survives_a_checkpoint():
