@@ -594,32 +594,45 @@ def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
     difference: AP50 from `bootstrap` resamples of the layouts shared by both (seeded), the success rate and
     the reward over images. Each layout's own difficulty cancels, so a difference far smaller than either
     figure's own standard error can show: what comparing two GRPO arms, or an arm and its control, needs."""
+    return paired_differences(a, [b], bootstrap)[0]
+
+
+def paired_differences(a: dict, others: list[dict], bootstrap: int = 100) -> list[dict]:
+    """`paired_difference(a, b)` for each b of `others`, with a's side (its AP50 on every resample, the same
+    seeded resamples for each b) computed once: one baseline against many arms costs half as much."""
     from structmar.reward import RewardWeights, layout_metrics, layout_rewards
 
-    same = len(a["targets"]) == len(b["targets"]) and all(
-        np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a["targets"], b["targets"]))
-    if not same:
-        raise ValueError("the two evaluations scored different layouts: compare evaluations of one split and count")
-    if a["results"]["image_size"] != b["results"]["image_size"]:
-        raise ValueError("the two evaluations generated images of different sizes")
     targets, size = a["targets"], (a["results"]["image_size"],) * 2
+    for b in others:
+        same = len(targets) == len(b["targets"]) and all(
+            np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(targets, b["targets"]))
+        if not same:
+            raise ValueError("the two evaluations scored different layouts: compare evaluations of one split and "
+                             "count")
+        if a["results"]["image_size"] != b["results"]["image_size"]:
+            raise ValueError("the two evaluations generated images of different sizes")
     n = len(targets)
-
-    def ap50(detections, idx):
-        return layout_metrics([detections[i] for i in idx], [targets[i] for i in idx], size, a["categories"])["ap50"]
-
-    per_a, per_b = (per_image_matches(e["detections"], targets, size) for e in (a, b))
-    counts, hits = per_a["objects"], per_b["successes"] - per_a["successes"]
-    rewards = [layout_rewards(e["detections"], targets, size, RewardWeights())[0].double().numpy() for e in (a, b)]
     rng = np.random.default_rng(0)
-    draws = [ap50(b["detections"], idx) - ap50(a["detections"], idx)
-             for idx in (rng.integers(0, n, n) for _ in range(bootstrap))]
-    everything = np.arange(n)
-    reward, reward_se = _mean_se(rewards[1] - rewards[0])
-    return dict(num_layouts=n, ap50=ap50(b["detections"], everything) - ap50(a["detections"], everything),
-                ap50_se=float(np.std(draws, ddof=1)) if bootstrap > 1 else None,
-                success_rate=float(hits.sum() / counts.sum()), success_rate_se=_ratio_se(hits, counts),
-                reward=reward, reward_se=reward_se)
+    resamples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(bootstrap)]
+
+    def ap50s(detections) -> np.ndarray:  # on every layout, then on each resample
+        return np.array([layout_metrics([detections[i] for i in idx], [targets[i] for i in idx], size,
+                                        a["categories"])["ap50"] for idx in resamples])
+
+    base_ap50, base_matches = ap50s(a["detections"]), per_image_matches(a["detections"], targets, size)
+    base_rewards = layout_rewards(a["detections"], targets, size, RewardWeights())[0].double().numpy()
+    diffs = []
+    for b in others:
+        ap50 = ap50s(b["detections"]) - base_ap50
+        counts = base_matches["objects"]
+        hits = per_image_matches(b["detections"], targets, size)["successes"] - base_matches["successes"]
+        reward, reward_se = _mean_se(layout_rewards(b["detections"], targets, size, RewardWeights())[0].double()
+                                     .numpy() - base_rewards)
+        diffs.append(dict(num_layouts=n, ap50=float(ap50[0]),
+                          ap50_se=float(np.std(ap50[1:], ddof=1)) if bootstrap > 1 else None,
+                          success_rate=float(hits.sum() / counts.sum()), success_rate_se=_ratio_se(hits, counts),
+                          reward=reward, reward_se=reward_se))
+    return diffs
 
 
 def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_seconds) -> dict:

@@ -20,6 +20,7 @@ from structmar.evaluate import (
     inception_features,
     load_evaluation,
     paired_difference,
+    paired_differences,
     run_eval,
 )
 from structmar.model import StructMAR, write_export
@@ -243,7 +244,9 @@ def test_paired_difference_of_two_evaluations(shapes_eval, single_process, tmp_p
                                                         success_rate_se=0.0, reward=0.0, reward_se=0.0)
     other = run_eval(_options(shapes_eval, tmp_path / "seed6", seed=6, clip_score_path=None, inception_path=None,
                               num_grids=0), rank=0, world_size=1)
-    diff = paired_difference(a, load_evaluation(str(tmp_path / "seed6")), bootstrap=20)
+    seed6 = load_evaluation(str(tmp_path / "seed6"))
+    diff = paired_difference(a, seed6, bootstrap=20)
+    assert paired_differences(a, [seed6, a], bootstrap=20) == [diff, paired_difference(a, a, bootstrap=20)]
     mine, theirs = results["layout"]["eval"]["generated"], other["layout"]["eval"]["generated"]
     for key in ("ap50", "success_rate", "reward"):
         assert diff[key] == pytest.approx(theirs[key] - mine[key], abs=1e-9), key

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from structmar.evaluate import load_evaluation, paired_difference
+from structmar.evaluate import load_evaluation, paired_differences
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=100, help="resamples behind AP50's standard error")
     args = ap.parse_args()
     base = load_evaluation(args.a, args.coco_root)
-    for other in args.b:
-        diff = paired_difference(base, load_evaluation(other, args.coco_root), args.bootstrap)
+    diffs = paired_differences(base, [load_evaluation(b, args.coco_root) for b in args.b], args.bootstrap)
+    for other, diff in zip(args.b, diffs):
         print(json.dumps(dict(a=args.a, b=other, **{k: round(v, 4) if isinstance(v, float) else v
                                                      for k, v in diff.items()})))
 
