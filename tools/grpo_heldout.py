@@ -12,9 +12,12 @@ N(0, 1), a policy gradient of the real one's size and no direction (an arm that 
 has moved its weights by noise; with `--set best_of_group_coef=1` it trains on a random rollout of each
 group: self-distillation without the reward); a control still measures and logs its rollouts' layout
 reward. It prints one JSON line (the arm, its figures with standard errors, the per-step training reward
-(the layout reward's) and the last KL). ~6 minutes per 40-step arm of 32 rollouts per step on a 2-core
-CPU, plus ~40 s per evaluation. tools/compare_evals.py gives the paired difference of two arms' evaluations
-(RUN/eval_raw, RUN/eval_raw_rollout_temperature, RUN/eval_ema), e.g. an arm minus its control.
+(the layout reward's), the last KL where a policy term measures one, and the raw weights' relative change
+from the start, |theta - theta_0| / |theta_0|). The rollout-temperature evaluation is skipped when that
+temperature is the evaluation's (e.g. best-of-group alone, `--set policy_coef=0`, sampled at 0.25). ~6
+minutes per 40-step arm of 32 rollouts per step on a 2-core CPU, plus ~40 s per evaluation.
+tools/compare_evals.py gives the paired differences of arms' evaluations (RUN/eval_raw,
+RUN/eval_raw_rollout_temperature, RUN/eval_ema) from one baseline's, e.g. arms minus their control.
 
     bash tools/demo.sh                               # output/demo with stage2_full
     python tools/grpo_heldout.py output/demo output/arms/b8_g4 --set batch_size=8 --set group_size=4
@@ -31,6 +34,7 @@ import os
 import time
 
 import torch
+from safetensors.torch import load_file
 
 from structmar.config import RLConfig
 from structmar.demo import DemoConfig, _train_args
@@ -71,6 +75,15 @@ def control_reward(kind: str, seed: int, measured):
     return reward
 
 
+def weight_change(start: str, end: str) -> float:
+    """|theta - theta_0| / |theta_0| over every parameter of the raw weights ("model.*") of two exports: the
+    drift of an arm, comparable between arms with and without a policy term (which alone measures a KL)."""
+    a, b = load_file(start), load_file(end)
+    keys = [k for k in a if k.startswith("model.") and a[k].is_floating_point()]
+    diff = sum(float((b[k].double() - a[k].double()).square().sum()) for k in keys)
+    return (diff / sum(float(a[k].double().square().sum()) for k in keys)) ** 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("demo", help="a demo output directory (bash tools/demo.sh) with stage2_full, shards, shapes")
@@ -104,8 +117,10 @@ def main() -> None:
     minutes = (time.time() - t) / 60
 
     figures = {}
-    for name, temperature, ema in (("raw", args.eval_temperature, False), ("raw_rollout_temperature",
-                                   cfg.temperature, False), ("ema", args.eval_temperature, None)):
+    evaluations = [("raw", args.eval_temperature, False), ("ema", args.eval_temperature, None)]
+    if cfg.temperature != args.eval_temperature:
+        evaluations.insert(1, ("raw_rollout_temperature", cfg.temperature, False))
+    for name, temperature, ema in evaluations:
         opts = EvalOptions(checkpoint=os.path.join(args.run_dir, EXPORT), coco_root=os.path.join(args.demo, "shapes"),
                            out=os.path.join(args.run_dir, f"eval_{name}"), num_layouts=args.layouts,
                            eval_detector="shapes", clip_path=os.path.join(args.demo, "clip-random-vit-b32"),
@@ -117,6 +132,7 @@ def main() -> None:
         rows = [json.loads(line) for line in f]
     print(json.dumps(dict(arm=dict(args.set), control=args.control, seed=args.seed, steps=args.steps,
                           rl_minutes=round(minutes, 2), heldout=figures,
+                          weight_change=round(weight_change(start, os.path.join(args.run_dir, EXPORT)), 5),
                           train_reward=[round(r.get("train/reward_layout", r.get("train/reward_mean")), 3)
                                         for r in rows if "train/reward_mean" in r],
                           kl_last=next((round(r["train/kl"], 3) for r in reversed(rows) if "train/kl" in r), None))))
