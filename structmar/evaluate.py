@@ -621,10 +621,9 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100) -> lis
 
     base_ap50, base_matches = ap50s(a["detections"]), per_image_matches(a["detections"], targets, size)
     base_rewards = layout_rewards(a["detections"], targets, size, RewardWeights())[0].double().numpy()
-    diffs = []
+    counts, diffs = base_matches["objects"], []
     for b in others:
         ap50 = ap50s(b["detections"]) - base_ap50
-        counts = base_matches["objects"]
         hits = per_image_matches(b["detections"], targets, size)["successes"] - base_matches["successes"]
         reward, reward_se = _mean_se(layout_rewards(b["detections"], targets, size, RewardWeights())[0].double()
                                      .numpy() - base_rewards)

@@ -34,13 +34,12 @@ import os
 import time
 
 import torch
-from safetensors.torch import load_file
 
 from structmar.config import RLConfig
 from structmar.demo import DemoConfig, _train_args
 from structmar.evaluate import EvalOptions, run_eval
 from structmar.grpo import BOX_REWARDS, GRPOStage, run_rl
-from structmar.model import EXPORT
+from structmar.model import EXPORT, read_weights
 from structmar.train import LOG, train
 
 # the flat-colour test's recipe (tests/test_grpo.py), which climbs the layout reward on one fixed batch
@@ -76,10 +75,10 @@ def control_reward(kind: str, seed: int, measured):
 
 
 def weight_change(start: str, end: str) -> float:
-    """|theta - theta_0| / |theta_0| over every parameter of the raw weights ("model.*") of two exports: the
+    """|theta - theta_0| / |theta_0| over every floating-point tensor of the raw weights of two exports: the
     drift of an arm, comparable between arms with and without a policy term (which alone measures a KL)."""
-    a, b = load_file(start), load_file(end)
-    keys = [k for k in a if k.startswith("model.") and a[k].is_floating_point()]
+    a, b = read_weights(start).model, read_weights(end).model
+    keys = [k for k in a if a[k].is_floating_point()]
     diff = sum(float((b[k].double() - a[k].double()).square().sum()) for k in keys)
     return (diff / sum(float(a[k].double().square().sum()) for k in keys)) ** 0.5
 
