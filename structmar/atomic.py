@@ -55,6 +55,16 @@ def torch_save(obj, path: str) -> None:
     write_with(path, lambda f: torch.save(obj, f))
 
 
+def save_image(image, path: str) -> None:
+    """Save a PIL image; the format comes from `path`'s extension, as PIL would infer it."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise ValueError(f"{path}: no image format has this extension (use .png or .jpg)")
+    write_with(path, lambda f: image.save(f, format=fmt))
+
+
 def fsync_dir(path: str) -> None:
     """Persist a directory entry (a rename) itself."""
     fd = os.open(path, os.O_RDONLY)

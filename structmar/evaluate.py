@@ -319,12 +319,12 @@ def sample_layout(gen: Sampler, spec, out: str, num_images: int = 4, batch_size:
         batch = gen.condition([spec.caption] * n, [spec.boxes] * n, [spec.tags] * n)
         for i, image in enumerate(gen.generate(batch, generator, **sampling), start):
             path = os.path.join(out, f"{i:03d}.png")
-            to_pil(image).save(path)
+            atomic.save_image(to_pil(image), path)
             overlays.append(draw_layout(image, spec.boxes, spec.tags))
-            overlays[-1].save(os.path.join(out, f"{i:03d}_layout.png"))
+            atomic.save_image(overlays[-1], os.path.join(out, f"{i:03d}_layout.png"))
             paths += [path, os.path.join(out, f"{i:03d}_layout.png")]
     grid = os.path.join(out, "grid_layout.png")
-    image_grid(overlays, ncol=min(4, len(overlays))).save(grid)
+    atomic.save_image(image_grid(overlays, ncol=min(4, len(overlays))), grid)
     record = dict(caption=spec.caption, boxes=spec.boxes.tolist(), tags=spec.tags, checkpoint=gen.checkpoint,
                   weights="ema" if gen.ema else "model", seed=seed, num_images=num_images, batch_size=batch_size,
                   **sampling)
@@ -516,7 +516,7 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
         part["generate_seconds"] += time.monotonic() - t0
         real = torch.stack([torch.from_numpy(coco.image(lay)).permute(2, 0, 1) for lay in chosen]).float() / 255
         for i, lay, image in zip(indices, chosen, images):
-            to_pil(image).save(os.path.join(samples_dir, f"{i:06d}_{lay.image_id}.png"))
+            atomic.save_image(to_pil(image), os.path.join(samples_dir, f"{i:06d}_{lay.image_id}.png"))
         part["index"] += indices
         for kind, detector in detectors.items():
             part[f"{kind}_generated"] += _detect(detector, images)
@@ -717,7 +717,7 @@ def _write_figures(opts: EvalOptions, coco, layouts) -> list[str]:
             real.append(draw_layout(coco.image(lay), lay.boxes, lay.tags))
         for name, tiles in (("generated", generated), ("real", real)):
             path = os.path.join(opts.out, "figures", f"{name}_{k:02d}.png")
-            image_grid(tiles, ncol=4).save(path)
+            atomic.save_image(image_grid(tiles, ncol=4), path)
             written.append(path)
     return written
 

@@ -40,3 +40,18 @@ def test_a_library_that_writes_to_a_path_publishes_only_complete_files(tmp_path)
         atomic.write_path(path, dies_after_writing)
     assert load_file(path)["w"].tolist() == [1.0, 1.0]
     assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
+def test_an_image_is_saved_in_the_format_its_extension_names(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    atomic.save_image(Image.fromarray(pixels), str(tmp_path / "a.png"))
+    atomic.save_image(Image.fromarray(pixels), str(tmp_path / "a.jpg"))
+    with Image.open(tmp_path / "a.png") as png, Image.open(tmp_path / "a.jpg") as jpg:
+        assert (png.format, jpg.format) == ("PNG", "JPEG")
+        assert np.array_equal(np.asarray(png), pixels)  # PNG is lossless
+    with pytest.raises(ValueError, match="a.imgx"):
+        atomic.save_image(Image.fromarray(pixels), str(tmp_path / "a.imgx"))
+    assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]
