@@ -1,10 +1,10 @@
 """One GRPO arm from the demo's stage 2 and its held-out layout fidelity: the experiment behind the README's
 GRPO tables, so an arm is one command and its row is comparable with the others.
 
-It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` on the demo's shards with the recipe
-below, any RLConfig field overridden with `--set name=value` (`--set device=cuda` on a GPU), then evaluates
-the run's export on `--layouts` val layouts with the analytic Shapes detector on the run's device: raw
-weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the EMA at the
+It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` (or `--start`) on the demo's shards
+with the recipe below, any RLConfig field overridden with `--set name=value` (`--set device=cuda` on a GPU),
+then evaluates the run's export on `--layouts` val layouts with the analytic Shapes detector on the run's
+device: raw weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the EMA at the
 evaluation temperature. Two controls replace the reward, with the same steps, data and optimizer:
 `--control constant` makes every advantage 0, so only the supervised anchor (`--anchor_coef`) trains (the
 policy term's whole effect is an arm minus this); `--control random` draws each rollout's reward from
@@ -94,11 +94,14 @@ def main() -> None:
                     help="constant: only the anchor trains; random: N(0, 1) rewards, a policy gradient of noise")
     ap.add_argument("--layouts", type=int, default=256)
     ap.add_argument("--eval_temperature", type=float, default=DemoConfig.temperature)
+    ap.add_argument("--start", help="the weights the arm starts from (an export of the demo's model), instead of "
+                                    "DEMO/stage2_full: e.g. stage 2 trained on to its plateau")
     args = ap.parse_args()
 
-    start = os.path.join(args.demo, "stage2_full", EXPORT)
+    start = args.start or os.path.join(args.demo, "stage2_full", EXPORT)
     if not os.path.isfile(start):
-        raise SystemExit(f"{start} is missing: run bash tools/demo.sh {args.demo} first")
+        how = "" if args.start else f": run bash tools/demo.sh {args.demo} first"
+        raise SystemExit(f"{start} is missing{how}")
     demo = DemoConfig(out=args.demo, seed=args.seed)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = dict(shards=os.path.join(args.demo, "shards"), ds_config=os.path.join(repo, "ds_configs", "zero2.json"))
@@ -129,7 +132,7 @@ def main() -> None:
         figures[name] = {k: [round(generated[k], 4), round(generated[f"{k}_se"] or 0.0, 4)] for k in FIGURES}
     with open(os.path.join(args.run_dir, LOG)) as f:
         rows = [json.loads(line) for line in f]
-    print(json.dumps(dict(arm=dict(args.set), control=args.control, seed=args.seed, steps=args.steps,
+    print(json.dumps(dict(arm=dict(args.set), start=start, control=args.control, seed=args.seed, steps=args.steps,
                           rl_minutes=round(minutes, 2), heldout=figures,
                           weight_change=round(weight_change(start, os.path.join(args.run_dir, EXPORT)), 5),
                           train_reward=[round(r.get("train/reward_layout", r.get("train/reward_mean")), 3)
