@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--layouts", type=int, default=256)
     ap.add_argument("--eval_temperature", type=float, default=DemoConfig.temperature)
     ap.add_argument("--start", help="the weights the arm starts from (an export of the demo's model), instead of "
-                                    "DEMO/stage2_full: e.g. stage 2 trained on to its plateau")
+                                    "DEMO/stage2_full: e.g. stage 2 trained on further")
     args = ap.parse_args()
 
     start = args.start or os.path.join(args.demo, "stage2_full", EXPORT)
