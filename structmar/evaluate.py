@@ -318,11 +318,11 @@ def sample_layout(gen: Sampler, spec, out: str, num_images: int = 4, batch_size:
         n = min(batch_size, num_images - start)
         batch = gen.condition([spec.caption] * n, [spec.boxes] * n, [spec.tags] * n)
         for i, image in enumerate(gen.generate(batch, generator, **sampling), start):
-            path = os.path.join(out, f"{i:03d}.png")
-            atomic.save_image(to_pil(image), path)
+            path, layout_path = os.path.join(out, f"{i:03d}.png"), os.path.join(out, f"{i:03d}_layout.png")
             overlays.append(draw_layout(image, spec.boxes, spec.tags))
-            atomic.save_image(overlays[-1], os.path.join(out, f"{i:03d}_layout.png"))
-            paths += [path, os.path.join(out, f"{i:03d}_layout.png")]
+            atomic.save_image(to_pil(image), path)
+            atomic.save_image(overlays[-1], layout_path)
+            paths += [path, layout_path]
     grid = os.path.join(out, "grid_layout.png")
     atomic.save_image(image_grid(overlays, ncol=min(4, len(overlays))), grid)
     record = dict(caption=spec.caption, boxes=spec.boxes.tolist(), tags=spec.tags, checkpoint=gen.checkpoint,

@@ -4,8 +4,8 @@ GRPO tables, so an arm is one command and its row is comparable with the others.
 It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` (or `--start`) on the demo's shards
 with the recipe below, any RLConfig field overridden with `--set name=value` (`--set device=cuda` on a GPU),
 then evaluates the run's export on `--layouts` val layouts with the analytic Shapes detector on the run's
-device: raw weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the EMA at the
-evaluation temperature. Two controls replace the reward, with the same steps, data and optimizer:
+device: raw weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the
+EMA at the evaluation temperature. Two controls replace the reward, with the same steps, data and optimizer:
 `--control constant` makes every advantage 0, so only the supervised anchor (`--anchor_coef`) trains (the
 policy term's whole effect is an arm minus this); `--control random` draws each rollout's reward from
 N(0, 1), a policy gradient of the real one's size and no direction (an arm that does no better than this
