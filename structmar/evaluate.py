@@ -619,14 +619,16 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100) -> lis
         return np.array([layout_metrics([detections[i] for i in idx], [targets[i] for i in idx], size,
                                         a["categories"])["ap50"] for idx in resamples])
 
+    def rewards(detections) -> np.ndarray:  # per image
+        return layout_rewards(detections, targets, size, RewardWeights())[0].double().numpy()
+
     base_ap50, base_matches = ap50s(a["detections"]), per_image_matches(a["detections"], targets, size)
-    base_rewards = layout_rewards(a["detections"], targets, size, RewardWeights())[0].double().numpy()
+    base_rewards = rewards(a["detections"])
     counts, diffs = base_matches["objects"], []
     for b in others:
         ap50 = ap50s(b["detections"]) - base_ap50
         hits = per_image_matches(b["detections"], targets, size)["successes"] - base_matches["successes"]
-        reward, reward_se = _mean_se(layout_rewards(b["detections"], targets, size, RewardWeights())[0].double()
-                                     .numpy() - base_rewards)
+        reward, reward_se = _mean_se(rewards(b["detections"]) - base_rewards)
         diffs.append(dict(num_layouts=n, ap50=float(ap50[0]),
                           ap50_se=float(np.std(ap50[1:], ddof=1)) if bootstrap > 1 else None,
                           success_rate=float(hits.sum() / counts.sum()), success_rate_se=_ratio_se(hits, counts),
