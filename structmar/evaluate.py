@@ -636,6 +636,47 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100) -> lis
     return diffs
 
 
+def headroom(generate, layouts, detector, categories: dict[int, str], image_size: int, samples: int,
+             batch_size: int = 16) -> dict:
+    """What a layout reward has left to sharpen: `samples` (K) images of each layout from `generate`, a
+    callable from a list of layouts to their images (B, 3, H, W) in [0, 1].
+
+    Per category and over all objects: the share of objects in their box with their category (IoU >= 0.5)
+    averaged over the K samples (pass@1) and the share found in at least one of them (pass@K); and the layout
+    reward's mean, its best of K per layout (what best-of-group fits) and its standard deviation within a
+    layout's K samples (what group-normalised advantages divide by). GRPO and best-of-group can at most move
+    pass@1 toward pass@K: where the two are equal, every sample of a layout agrees and a reward ranks nothing.
+    """
+    from structmar.reward import RewardWeights, layout_rewards, match_layout
+
+    size = (image_size, image_size)
+    hits: dict[str, list[np.ndarray]] = {}  # category -> per object: success in each of the K samples
+    rewards = []  # per layout: (K,)
+    for start in range(0, len(layouts), batch_size):
+        chosen = layouts[start:start + batch_size]
+        repeated = [lay for lay in chosen for _ in range(samples)]  # each layout's K samples side by side
+        detections = _detect(detector, generate(repeated))
+        targets = [(lay.boxes, np.asarray(lay.category_ids)) for lay in repeated]
+        reward, _ = layout_rewards(detections, targets, size, RewardWeights())
+        rewards += list(reward.double().numpy().reshape(len(chosen), samples))
+        for i, lay in enumerate(chosen):
+            target = targets[i * samples]
+            success = np.stack([match_layout(detections[i * samples + j], *target, size).iou >= 0.5
+                                for j in range(samples)])  # (K, objects)
+            for obj, category in enumerate(lay.category_ids):
+                hits.setdefault(categories[int(category)], []).append(success[:, obj])
+
+    def shares(rows: list[np.ndarray]) -> dict:
+        table = np.stack(rows)  # (objects, K)
+        return dict(objects=len(table), pass1=float(table.mean()), passk=float(table.any(1).mean()))
+
+    per_layout = np.stack(rewards)  # (layouts, K)
+    return dict(layouts=len(layouts), samples=samples, all=shares([r for v in hits.values() for r in v]),
+                reward_mean=float(per_layout.mean()), reward_best_of_k=float(per_layout.max(1).mean()),
+                reward_std_within=float(per_layout.std(1).mean()),
+                by_category={name: shares(v) for name, v in sorted(hits.items())})
+
+
 def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_seconds) -> dict:
     size = (gen.model.cfg.image_size, gen.model.cfg.image_size)
     targets = [(lay.boxes, lay.category_ids) for lay in layouts]

@@ -16,6 +16,7 @@ from structmar.evaluate import (
     FIDInception,
     draw_layout,
     frechet_distance,
+    headroom,
     image_grid,
     inception_features,
     load_evaluation,
@@ -24,6 +25,7 @@ from structmar.evaluate import (
     run_eval,
 )
 from structmar.model import StructMAR, write_export
+from structmar.reward import load_detector
 from structmar.shapes import generate_shapes
 from structmar.text import write_random_clip
 
@@ -257,6 +259,36 @@ def test_paired_difference_of_two_evaluations(shapes_eval, single_process, tmp_p
         paired_difference(a, load_evaluation(str(tmp_path / "fewer")))
     with pytest.raises(FileNotFoundError, match="absent/results.json is missing"):
         load_evaluation(str(tmp_path / "absent"))
+
+
+def test_headroom_pass_at_one_and_at_k(shapes_eval):
+    """pass@1 averages an object's success over its K samples, pass@K asks for one of them: the real image as
+    every sample gives the two equal and no spread; the real image as one sample of K (blank images for the
+    others) keeps pass@K, divides pass@1 by K and makes the real image each layout's best."""
+    coco = CocoLayouts(shapes_eval["root"], "val2014", image_size=32, max_objects=8)
+    detector = load_detector("shapes", None, coco.categories)
+    k = 3
+
+    def real(layouts):
+        return torch.stack([torch.from_numpy(coco.image(lay)).permute(2, 0, 1).float() / 255 for lay in layouts])
+
+    def first_real(layouts):  # each layout's K samples arrive side by side
+        images = real(layouts)
+        images[torch.arange(len(layouts)) % k != 0] = 0
+        return images
+
+    every = headroom(real, coco.layouts, detector, coco.categories, 32, k, batch_size=5)
+    once = headroom(first_real, coco.layouts, detector, coco.categories, 32, k, batch_size=5)
+    objects = sum(len(lay.category_ids) for lay in coco.layouts)
+    assert every["layouts"] == once["layouts"] == 16 and every["all"]["objects"] == once["all"]["objects"] == objects
+    assert every["all"]["pass1"] == every["all"]["passk"] >= 0.9
+    assert every["reward_std_within"] == 0 and every["reward_best_of_k"] == pytest.approx(every["reward_mean"])
+    assert once["all"]["passk"] == every["all"]["passk"]
+    assert once["all"]["pass1"] == pytest.approx(every["all"]["pass1"] / k)
+    assert once["reward_best_of_k"] == pytest.approx(every["reward_mean"]) and once["reward_std_within"] > 0
+    assert once["reward_mean"] < every["reward_mean"]
+    assert sum(v["objects"] for v in once["by_category"].values()) == objects
+    assert set(once["by_category"]) <= set(coco.categories.values())
 
 
 def test_eval_errors(shapes_eval, tmp_path, capsys):

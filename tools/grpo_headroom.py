@@ -1,0 +1,61 @@
+"""What a layout reward has left to sharpen: per-object success at pass@1 and pass@K, and the group reward's spread.
+
+Samples K images for each of the first N layouts of a split (the same sampler as `structmar eval`), detects
+objects with the evaluation detector and prints one JSON line (`structmar.evaluate.headroom`): per category
+and over all objects, pass@1 and pass@K of an object in its box with its category, and the layout reward's
+mean, best of K and spread within a layout. GRPO and best-of-group can at most move pass@1 toward pass@K.
+
+    python tools/grpo_headroom.py output/demo/stage2_full --clip_path output/demo/clip-random-vit-b32 \\
+        --coco_root output/demo/shapes --eval_detector shapes --temperature 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from structmar.coco import CocoLayouts
+from structmar.evaluate import headroom, load_sampler
+from structmar.reward import load_detector
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="a stage export or a run directory holding one")
+    ap.add_argument("--coco_root", required=True)
+    ap.add_argument("--coco_split", default="val2014")
+    ap.add_argument("--clip_path", required=True)
+    ap.add_argument("--eval_detector", default="shapes")
+    ap.add_argument("--eval_detector_path")
+    ap.add_argument("--num_layouts", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=8, help="K: samples per layout")
+    ap.add_argument("--temperature", type=float, default=0.25)
+    ap.add_argument("--num_iter", type=int, default=8)
+    ap.add_argument("--no-ema", dest="ema", action="store_false", help="the raw weights instead of the EMA")
+    ap.add_argument("--batch_size", type=int, default=16, help="layouts per batch (x K images)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    gen = load_sampler(args.checkpoint, args.clip_path, ema=args.ema)
+    size = gen.model.cfg.image_size
+    coco = CocoLayouts(args.coco_root, args.coco_split, image_size=size, max_objects=gen.model.cfg.max_objects)
+    detector = load_detector(args.eval_detector, args.eval_detector_path, coco.categories)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def generate(layouts):
+        batch = gen.condition([lay.captions[0] for lay in layouts], [lay.boxes for lay in layouts],
+                              [lay.tags for lay in layouts], [lay.category_ids for lay in layouts])
+        return gen.generate(batch, generator, num_iter=args.num_iter, cfg=1.0, cfg_schedule="constant",
+                            temperature=args.temperature)
+
+    result = headroom(generate, coco.layouts[:args.num_layouts], detector, coco.categories, size, args.samples,
+                      args.batch_size)
+    rounded = json.loads(json.dumps(result), parse_float=lambda v: round(float(v), 3))
+    print(json.dumps(dict(checkpoint=args.checkpoint, split=args.coco_split, temperature=args.temperature,
+                          ema=gen.ema, **rounded)))
+
+
+if __name__ == "__main__":
+    main()
