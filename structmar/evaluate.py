@@ -597,9 +597,12 @@ def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
     return paired_differences(a, [b], bootstrap)[0]
 
 
-def paired_differences(a: dict, others: list[dict], bootstrap: int = 100) -> list[dict]:
+def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: bool = False) -> list[dict]:
     """`paired_difference(a, b)` for each b of `others`, with a's side (its AP50 on every resample, the same
-    seeded resamples for each b) computed once: one baseline against many arms costs half as much."""
+    seeded resamples for each b) computed once: one baseline against many arms costs half as much.
+
+    `mean` returns one row instead: the mean over `others` of b minus a (several seeds of one arm against
+    their common start), with standard errors over the layouts, which count each layout once."""
     from structmar.reward import RewardWeights, layout_metrics, layout_rewards
 
     targets, size = a["targets"], (a["results"]["image_size"],) * 2
@@ -624,11 +627,15 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100) -> lis
 
     base_ap50, base_matches = ap50s(a["detections"]), per_image_matches(a["detections"], targets, size)
     base_rewards = rewards(a["detections"])
-    counts, diffs = base_matches["objects"], []
-    for b in others:
-        ap50 = ap50s(b["detections"]) - base_ap50
-        hits = per_image_matches(b["detections"], targets, size)["successes"] - base_matches["successes"]
-        reward, reward_se = _mean_se(rewards(b["detections"]) - base_rewards)
+    counts = base_matches["objects"]
+    rows = [(ap50s(b["detections"]) - base_ap50,
+             per_image_matches(b["detections"], targets, size)["successes"] - base_matches["successes"],
+             rewards(b["detections"]) - base_rewards) for b in others]
+    if mean:
+        rows = [tuple(np.mean(column, axis=0) for column in zip(*rows))]
+    diffs = []
+    for ap50, hits, reward_diff in rows:
+        reward, reward_se = _mean_se(reward_diff)
         diffs.append(dict(num_layouts=n, ap50=float(ap50[0]),
                           ap50_se=float(np.std(ap50[1:], ddof=1)) if bootstrap > 1 else None,
                           success_rate=float(hits.sum() / counts.sum()), success_rate_se=_ratio_se(hits, counts),

@@ -249,6 +249,10 @@ def test_paired_difference_of_two_evaluations(shapes_eval, single_process, tmp_p
     seed6 = load_evaluation(str(tmp_path / "seed6"))
     diff = paired_difference(a, seed6, bootstrap=20)
     assert paired_differences(a, [seed6, a], bootstrap=20) == [diff, paired_difference(a, a, bootstrap=20)]
+    (pooled,) = paired_differences(a, [seed6, a], bootstrap=20, mean=True)  # the mean of seed6 - a and a - a
+    for key in ("ap50", "success_rate", "reward"):
+        assert pooled[key] == pytest.approx(diff[key] / 2, abs=1e-9), key
+    assert pooled["reward_se"] == pytest.approx(diff["reward_se"] / 2)
     mine, theirs = results["layout"]["eval"]["generated"], other["layout"]["eval"]["generated"]
     for key in ("ap50", "success_rate", "reward"):
         assert diff[key] == pytest.approx(theirs[key] - mine[key], abs=1e-9), key
