@@ -2,5 +2,5 @@
 # Sets up the environment if needed, then runs the whole test suite on CPU (extra arguments go to pytest).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-ruff check structmar tests tools
+ruff check structmar tests gpu_tests tools
 exec python -m pytest -q -p no:cacheprovider --timeout 900 "$@"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# On a GPU machine: the GPU tests and benchmarks in one run, inside a time budget, each step's output in a
+# log of its own under $OUT (or output/gpu_check). Steps run in the order given (default: all, below),
+# each with its own limit cut to what is left of GPU_CHECK_SECONDS (default 540); a step that no longer
+# fits is skipped and said so. Wheels gathered by tools/gpu_kit.sh (.whl/) are installed first.
+#
+#   grpo_ref_cuda, grpo_ref_cpu  MAR-H GRPO step split and peak GPU memory, the frozen reference moved to
+#                                the GPU per use or kept on the CPU (the difference is what the CPU saves)
+#   tests                        python -m pytest gpu_tests (FlexAttention backward, flex vs sdpa in the
+#                                model, bf16 vs fp32, GRPO on the GPU with the reference on the CPU)
+#   attention                    tools/bench_attention.py at MAR-H's decoder shapes
+#   train                        tools/bench_train.py, MAR-H, one GPU, ZeRO-2 bf16
+#
+#   bash tools/gpu_check.sh                   # every step
+#   bash tools/gpu_check.sh tests attention   # some
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+out="${OUT:-output/gpu_check}"
+budget="${GPU_CHECK_SECONDS:-540}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: installing .whl failed" >&2; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c \
+  "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"; } \
+  > "$out/machine.log" 2>&1
+cat "$out/machine.log"
+
+grpo=(tools/bench_grpo.py --model mar_huge --batch_size 1 --group_size 4 --num_iter 64 --rl_step_ratio 0.125
+      --reward frcnn --steps 1 --warmup 1)
+declare -A limit=([grpo_ref_cuda]=150 [grpo_ref_cpu]=240 [tests]=180 [attention]=60 [train]=120)
+command_of() {
+  case $1 in
+    grpo_ref_cuda) echo python3 "${grpo[@]}" --ref_device cuda ;;
+    grpo_ref_cpu) echo python3 "${grpo[@]}" --ref_device cpu ;;
+    tests) echo python3 -m pytest -q -p no:cacheprovider gpu_tests ;;
+    attention) echo python3 tools/bench_attention.py ;;
+    train) echo python3 tools/bench_train.py --model mar_huge --batch_size 32 --steps 10 --warmup 3 ;;
+  esac
+}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(grpo_ref_cuda grpo_ref_cpu tests attention train)
+for name in "${steps[@]}"; do
+  if [ -z "${limit[$name]:-}" ]; then echo "gpu_check: unknown step $name (known: ${!limit[*]})" >&2; exit 2; fi
+done
+status=0
+for name in "${steps[@]}"; do
+  read -r -a cmd <<< "$(command_of "$name")"
+  left=$((budget - SECONDS))
+  seconds=$(( limit[$name] < left ? limit[$name] : left ))
+  if [ "$seconds" -lt 30 ]; then echo "== $name: skipped, ${left}s of the budget left"; status=1; continue; fi
+  echo "== $name (limit ${seconds}s): ${cmd[*]}"
+  start=$SECONDS
+  timeout "$seconds" "${cmd[@]}" > "$out/$name.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && status=1
+  echo "   rc $rc in $((SECONDS - start))s; last line: $(tail -n 1 "$out/$name.log")"
+done
+exit $status
