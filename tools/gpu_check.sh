@@ -32,13 +32,13 @@ cat "$out/machine.log"
 grpo=(tools/bench_grpo.py --model mar_huge --batch_size 1 --group_size 4 --num_iter 64 --rl_step_ratio 0.125
       --reward frcnn --steps 1 --warmup 1)
 declare -A limit=([grpo_ref_cuda]=150 [grpo_ref_cpu]=240 [tests]=180 [attention]=60 [train]=120)
-command_of() {
+set_command() {  # cmd=(the command of step $1)
   case $1 in
-    grpo_ref_cuda) echo python3 "${grpo[@]}" --ref_device cuda ;;
-    grpo_ref_cpu) echo python3 "${grpo[@]}" --ref_device cpu ;;
-    tests) echo python3 -m pytest -q -p no:cacheprovider gpu_tests ;;
-    attention) echo python3 tools/bench_attention.py ;;
-    train) echo python3 tools/bench_train.py --model mar_huge --batch_size 32 --steps 10 --warmup 3 ;;
+    grpo_ref_cuda) cmd=(python3 "${grpo[@]}" --ref_device cuda) ;;
+    grpo_ref_cpu) cmd=(python3 "${grpo[@]}" --ref_device cpu) ;;
+    tests) cmd=(python3 -m pytest -q -p no:cacheprovider gpu_tests) ;;
+    attention) cmd=(python3 tools/bench_attention.py) ;;
+    train) cmd=(python3 tools/bench_train.py --model mar_huge --batch_size 32 --steps 10 --warmup 3) ;;
   esac
 }
 steps=("$@")
@@ -48,7 +48,7 @@ for name in "${steps[@]}"; do
 done
 status=0
 for name in "${steps[@]}"; do
-  read -r -a cmd <<< "$(command_of "$name")"
+  set_command "$name"
   left=$((budget - SECONDS))
   seconds=$(( limit[$name] < left ? limit[$name] : left ))
   if [ "$seconds" -lt 30 ]; then echo "== $name: skipped, ${left}s of the budget left"; status=1; continue; fi

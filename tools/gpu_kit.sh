@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Gathers, into .whl/ (ignored by git), the wheels a GPU machine needs that its image lacks: DeepSpeed (built
 # here from its sdist: no ops compiled, they build on first use there), its hjson and pydantic, WebDataset,
-# pycocotools and pytorch-fid, at the versions of this environment, for CPython 3.12 on x86-64. The device
-# run carries .whl and tools/gpu_check.sh installs it. Run here (it needs the package registry).
+# pycocotools and pytorch-fid, at the versions of this environment, for CPython 3.12 on x86-64. Copy .whl to
+# the GPU machine with the checkout (it is ignored, so name it among the paths copied); tools/gpu_check.sh
+# installs it there. Run it where the package registry can be reached.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 kit=.whl
@@ -19,10 +20,10 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
 done
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$kit" "${pins[@]}"
-ds="deepspeed==$(version deepspeed)"
-if ! ls "$kit"/deepspeed-*.whl >/dev/null 2>&1; then
+ds=$(version deepspeed)
+if [ ! -f "$kit/deepspeed-$ds-py3-none-any.whl" ]; then
   tmp=$(mktemp -d)
-  python -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "$ds"
+  python -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "deepspeed==$ds"
   DS_BUILD_OPS=0 python -m pip wheel -q --no-deps --no-build-isolation -w "$kit" "$tmp"/deepspeed-*.tar.gz
   rm -rf "$tmp"
 fi
