@@ -404,17 +404,14 @@ def layout_scores(detections, layouts, image_size: tuple[int, int], categories: 
     AP is not a mean over images, so its standard errors (`ap_se`, `ap50_se`) come from `bootstrap`
     resamples of the images (seeded, so a rerun reports the same figures); 0 leaves them out.
     """
-    from structmar.reward import RewardWeights, layout_metrics, layout_rewards
+    from structmar.reward import RewardWeights, coco_ap, layout_metrics, layout_rewards
 
     result = layout_metrics(detections, layouts, image_size, categories)
     if bootstrap:
         rng = np.random.default_rng(0)
-        draws = []
-        for _ in range(bootstrap):
-            idx = rng.integers(0, len(layouts), len(layouts))
-            m = layout_metrics([detections[i] for i in idx], [layouts[i] for i in idx], image_size, categories)
-            draws.append((m["ap"], m["ap50"]))
-        result["ap_se"], result["ap50_se"] = (float(v) for v in np.std(np.array(draws), axis=0, ddof=1))
+        resamples = [rng.integers(0, len(layouts), len(layouts)) for _ in range(bootstrap)]
+        draws = coco_ap(detections, layouts, image_size, categories, resamples)[1:, :2]
+        result["ap_se"], result["ap50_se"] = (float(v) for v in np.std(draws, axis=0, ddof=1))
     per = per_image_matches(detections, layouts, image_size)
     result["success_rate_se"] = _ratio_se(per["successes"], per["objects"])
     result["mean_iou_se"] = _ratio_se(per["iou_sum"], per["matched"])
@@ -603,7 +600,7 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: 
 
     `mean` returns one row instead: the mean over `others` of b minus a (several seeds of one arm against
     their common start), with standard errors over the layouts, which count each layout once."""
-    from structmar.reward import RewardWeights, layout_metrics, layout_rewards
+    from structmar.reward import RewardWeights, coco_ap, layout_rewards
 
     targets, size = a["targets"], (a["results"]["image_size"],) * 2
     for b in others:
@@ -619,8 +616,7 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: 
     resamples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(bootstrap)]
 
     def ap50s(detections) -> np.ndarray:  # on every layout, then on each resample
-        return np.array([layout_metrics([detections[i] for i in idx], [targets[i] for i in idx], size,
-                                        a["categories"])["ap50"] for idx in resamples])
+        return coco_ap(detections, targets, size, a["categories"], resamples[1:])[:, 1]
 
     def rewards(detections) -> np.ndarray:  # per image
         return layout_rewards(detections, targets, size, RewardWeights())[0].double().numpy()
@@ -740,7 +736,7 @@ def _report(opts, gen, coco, layouts, detectors, merged, world_size, generate_se
 
 
 POSITION_METRICS = ("ap50", "success_rate", "reward")
-AP_BOOTSTRAP = 20  # resamples behind the generated images' AP standard errors
+AP_BOOTSTRAP = 100  # resamples behind the generated images' AP standard errors (one matching, 100 poolings)
 
 
 def _position(block: dict) -> dict:
@@ -817,7 +813,8 @@ def results_markdown(results: dict) -> str:
                      f"real {_fmt(clip['real']['mean'], clip['real']['se'], 2)}")
     else:
         lines.append("- CLIP score: skipped")
-    lines += ["", "± is one standard error over images. AP has none (COCOeval pools all images).", ""]
+    lines += ["", f"± is one standard error over images; for AP and AP50, which COCOeval pools over all images, "
+                  f"from {AP_BOOTSTRAP} bootstrap resamples of the layouts.", ""]
     if results["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     if results["figures"]:

@@ -256,12 +256,36 @@ def layout_metrics(detections: list[Detections], layouts: list[tuple[np.ndarray,
     (fraction of the image diagonal, matched boxes), and the share of target objects whose
     same-category detection has IoU >= 0.5 (success rate).
     """
+    ious, dists, success, total = [], [], 0, 0
+    for det, (boxes, labels) in zip(detections, layouts):
+        m = match_layout(det, boxes, labels, image_size)
+        matched = m.det_index >= 0
+        ious.extend(m.iou[matched].tolist())
+        dists.extend(m.centroid[matched].tolist())
+        success += int((m.iou >= 0.5).sum())
+        total += len(boxes)
+    ap, ap50, ap75 = coco_ap(detections, layouts, image_size, categories)[0].tolist()
+    return dict(num_images=len(layouts), num_objects=total, success_rate=success / max(total, 1),
+                mean_iou=float(np.mean(ious)) if ious else 0.0,
+                centroid_distance=float(np.mean(dists)) if dists else 1.0, ap=ap, ap50=ap50, ap75=ap75)
+
+
+def coco_ap(detections: list[Detections], layouts: list[tuple[np.ndarray, np.ndarray]], image_size: tuple[int, int],
+            categories: dict[int, str], resamples: list[np.ndarray] = ()) -> np.ndarray:
+    """COCO AP, AP50 and AP75 (pycocotools) of the detections against the layouts: row 0 on all images, then
+    one row per resample (an index array into the images, repeats allowed, as a bootstrap draws): (1 + R, 3).
+
+    pycocotools matches detections to boxes image by image (`evaluate`, nearly all of the cost), then pools the
+    matches into precision/recall (`accumulate`). A resample pools the per-image matches of its images, which
+    is exactly what scoring the resampled images afresh gives (an image's matches depend on that image alone),
+    so a bootstrap of R resamples costs one matching and R + 1 poolings. A set without boxes or detections
+    scores 0.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     h, w = image_size
     images, gts, dts = [], [], []
-    ious, dists, success, total = [], [], 0, 0
     for i, (det, (boxes, labels)) in enumerate(zip(detections, layouts)):
         images.append(dict(id=i + 1, width=w, height=h))
         for box, lab in zip(np.asarray(boxes) * np.array([w, h, w, h]), np.asarray(labels)):
@@ -271,24 +295,23 @@ def layout_metrics(detections: list[Detections], layouts: list[tuple[np.ndarray,
         for box, lab, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
             x0, y0, x1, y1 = box
             dts.append(dict(image_id=i + 1, category_id=int(lab), bbox=[x0, y0, x1 - x0, y1 - y0], score=score))
-        m = match_layout(det, boxes, labels, image_size)
-        matched = m.det_index >= 0
-        ious.extend(m.iou[matched].tolist())
-        dists.extend(m.centroid[matched].tolist())
-        success += int((m.iou >= 0.5).sum())
-        total += len(boxes)
-    result = dict(num_images=len(images), num_objects=total, success_rate=success / max(total, 1),
-                  mean_iou=float(np.mean(ious)) if ious else 0.0,
-                  centroid_distance=float(np.mean(dists)) if dists else 1.0, ap=0.0, ap50=0.0, ap75=0.0)
+    rows = np.zeros((1 + len(resamples), 3))
     if not gts or not dts:
-        return result
+        return rows
     gt = COCO()
     gt.dataset = dict(images=images, annotations=gts, categories=[dict(id=c, name=n) for c, n in categories.items()])
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         evaluator = COCOeval(gt, gt.loadRes(dts), "bbox")
         evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    result.update(ap=float(evaluator.stats[0]), ap50=float(evaluator.stats[1]), ap75=float(evaluator.stats[2]))
-    return result
+        # evalImgs is ordered category-major, then area range, then image (pycocotools' layout)
+        per_image = np.array(evaluator.evalImgs, dtype=object).reshape(-1, len(images))
+        ids = np.asarray(evaluator.params.imgIds)
+        for r, idx in enumerate([np.arange(len(images)), *resamples]):
+            idx = np.asarray(idx)
+            evaluator.evalImgs = per_image[:, idx].reshape(-1).tolist()
+            evaluator.params.imgIds = evaluator._paramsEval.imgIds = ids[idx].tolist()
+            evaluator.accumulate()
+            evaluator.summarize()
+            rows[r] = evaluator.stats[:3]
+    return np.maximum(rows, 0.0)  # -1 (no box of any category in a resample) scores 0, as an empty set does

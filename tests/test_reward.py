@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 
 from structmar.reward import (
     RewardWeights,
+    coco_ap,
     layout_box_rewards,
     layout_metrics,
     layout_rewards,
@@ -83,6 +84,34 @@ def test_rewards_order_and_components():
     assert torch.equal(same, reward) and all(torch.equal(same_comp[k], comp[k]) for k in comp)
     assert torch.allclose(torch.stack([b.mean() for b in per_box]), reward)
     assert per_box[2][0] == pytest.approx(1.0 + 0.25 * 0.9) and per_box[2][1:].tolist() == pytest.approx([-1.0, -1.0])
+
+
+def test_bootstrap_ap_equals_scoring_each_resample_afresh():
+    """coco_ap pools one matching per image over each resample: the same AP as scoring the resampled images anew
+    (repeats included), on noisy detections of three categories with misses, duplicates and spurious boxes."""
+    rng = np.random.default_rng(3)
+    cats = {1: "red circle", 2: "blue square", 3: "green triangle"}
+    detections, layouts = [], []
+    for i in range(40):
+        k = 0 if i % 13 == 0 else int(rng.integers(1, 5))  # images 0, 13, 26, 39 have no boxes
+        corner = rng.uniform(0, 0.6, (k, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(0.1, 0.4, (k, 2))], 1)
+        labels = rng.integers(1, 4, k)
+        keep = rng.random(k) < 0.8
+        jitter = rng.normal(0, 0.02, (k, 4))
+        dboxes = np.concatenate([(boxes + jitter)[keep], rng.uniform(0, 0.5, (2, 4)) + [0, 0, 0.5, 0.5]])
+        dlabels = np.concatenate([np.where(rng.random(k) < 0.9, labels, rng.integers(1, 4, k))[keep],
+                                  rng.integers(1, 4, 2)])
+        detections.append(_det(_to_px(dboxes), dlabels.tolist(), rng.random(len(dlabels)).tolist()))
+        layouts.append((boxes, labels))
+    resamples = [rng.integers(0, 40, 40) for _ in range(6)] + [np.array([0, 13, 26])]  # the last: no boxes at all
+    rows = coco_ap(detections, layouts, SIZE, cats, resamples)
+    assert rows.shape == (8, 3)
+    for row, idx in zip(rows, [np.arange(40), *resamples]):
+        m = layout_metrics([detections[i] for i in idx], [layouts[i] for i in idx], SIZE, cats)
+        assert row.tolist() == pytest.approx([m["ap"], m["ap50"], m["ap75"]], abs=1e-12)
+    assert 0.2 < rows[0, 1] < 0.95 and len(set(rows[1:7, 1].round(6))) > 3  # a real spread, not a constant
+    assert rows[-1].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_shapes_detector_scores_real_layouts(tmp_path):
