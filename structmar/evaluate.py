@@ -613,10 +613,10 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: 
             raise ValueError("the two evaluations generated images of different sizes")
     n = len(targets)
     rng = np.random.default_rng(0)
-    resamples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(bootstrap)]
+    resamples = [rng.integers(0, n, n) for _ in range(bootstrap)]
 
     def ap50s(detections) -> np.ndarray:  # on every layout, then on each resample
-        return coco_ap(detections, targets, size, a["categories"], resamples[1:])[:, 1]
+        return coco_ap(detections, targets, size, a["categories"], resamples)[:, 1]
 
     def rewards(detections) -> np.ndarray:  # per image
         return layout_rewards(detections, targets, size, RewardWeights())[0].double().numpy()
