@@ -383,20 +383,6 @@ def _ratio_se(numerators, denominators) -> float | None:
     return float(math.sqrt(n / (n - 1) * np.square(residual).sum()) / total)
 
 
-def per_image_matches(detections, layouts, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Per image, from its Hungarian match to its layout: objects, successes (IoU >= 0.5), matched objects,
-    and the sums of IoU and centroid distance over the matched ones: what standard errors over images need."""
-    from structmar.reward import match_layout
-
-    rows = []
-    for det, (boxes, labels) in zip(detections, layouts):
-        m = match_layout(det, boxes, labels, image_size)
-        hit = m.det_index >= 0
-        rows.append((len(boxes), (m.iou >= 0.5).sum(), hit.sum(), m.iou[hit].sum(), m.centroid[hit].sum()))
-    columns = np.array(rows, dtype=np.float64).reshape(-1, 5).T
-    return dict(zip(("objects", "successes", "matched", "iou_sum", "centroid_sum"), columns))
-
-
 def layout_scores(detections, layouts, image_size: tuple[int, int], categories: dict[int, str],
                   bootstrap: int = 0) -> dict:
     """reward.layout_metrics plus standard errors over images and the mean GRPO-style reward.
@@ -404,15 +390,17 @@ def layout_scores(detections, layouts, image_size: tuple[int, int], categories: 
     AP is not a mean over images, so its standard errors (`ap_se`, `ap50_se`) come from `bootstrap`
     resamples of the images (seeded, so a rerun reports the same figures); 0 leaves them out.
     """
-    from structmar.reward import RewardWeights, coco_ap, layout_metrics, layout_rewards
+    from structmar.reward import RewardWeights, coco_ap, layout_rewards, per_image_matches, pooled_metrics
 
-    result = layout_metrics(detections, layouts, image_size, categories)
+    resamples = []
     if bootstrap:
         rng = np.random.default_rng(0)
         resamples = [rng.integers(0, len(layouts), len(layouts)) for _ in range(bootstrap)]
-        draws = coco_ap(detections, layouts, image_size, categories, resamples)[1:, :2]
-        result["ap_se"], result["ap50_se"] = (float(v) for v in np.std(draws, axis=0, ddof=1))
+    ap = coco_ap(detections, layouts, image_size, categories, resamples)  # one pycocotools matching for all rows
     per = per_image_matches(detections, layouts, image_size)
+    result = pooled_metrics(per, ap[0])
+    if bootstrap:
+        result["ap_se"], result["ap50_se"] = (float(v) for v in np.std(ap[1:, :2], axis=0, ddof=1))
     result["success_rate_se"] = _ratio_se(per["successes"], per["objects"])
     result["mean_iou_se"] = _ratio_se(per["iou_sum"], per["matched"])
     result["centroid_distance_se"] = _ratio_se(per["centroid_sum"], per["matched"])
@@ -600,7 +588,7 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: 
 
     `mean` returns one row instead: the mean over `others` of b minus a (several seeds of one arm against
     their common start), with standard errors over the layouts, which count each layout once."""
-    from structmar.reward import RewardWeights, coco_ap, layout_rewards
+    from structmar.reward import RewardWeights, coco_ap, layout_rewards, per_image_matches
 
     targets, size = a["targets"], (a["results"]["image_size"],) * 2
     for b in others:

@@ -247,6 +247,31 @@ def layout_box_rewards(detections: list[Detections], layouts: list[tuple[np.ndar
 # ---- layout-fidelity metrics (evaluation) ---------------------------------------------------------
 
 
+def per_image_matches(detections: list[Detections], layouts: list[tuple[np.ndarray, np.ndarray]],
+                      image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Per image, from its Hungarian match to its layout: objects, successes (IoU >= 0.5), matched objects,
+    and the sums of IoU and centroid distance over the matched ones: what the layout metrics pool, and what
+    their standard errors over images need."""
+    rows = []
+    for det, (boxes, labels) in zip(detections, layouts):
+        m = match_layout(det, boxes, labels, image_size)
+        hit = m.det_index >= 0
+        rows.append((len(boxes), (m.iou >= 0.5).sum(), hit.sum(), m.iou[hit].sum(), m.centroid[hit].sum()))
+    columns = np.array(rows, dtype=np.float64).reshape(-1, 5).T
+    return dict(zip(("objects", "successes", "matched", "iou_sum", "centroid_sum"), columns))
+
+
+def pooled_metrics(matches: dict[str, np.ndarray], ap_row: np.ndarray) -> dict[str, float]:
+    """layout_metrics' figures from `per_image_matches` and one row of `coco_ap`, for callers that keep both."""
+    objects, matched = int(matches["objects"].sum()), float(matches["matched"].sum())
+    ap, ap50, ap75 = (float(v) for v in ap_row[:3])
+    return dict(num_images=len(matches["objects"]), num_objects=objects,
+                success_rate=float(matches["successes"].sum()) / max(objects, 1),
+                mean_iou=float(matches["iou_sum"].sum()) / matched if matched else 0.0,
+                centroid_distance=float(matches["centroid_sum"].sum()) / matched if matched else 1.0,
+                ap=ap, ap50=ap50, ap75=ap75)
+
+
 def layout_metrics(detections: list[Detections], layouts: list[tuple[np.ndarray, np.ndarray]],
                    image_size: tuple[int, int], categories: dict[int, str]) -> dict[str, float]:
     """COCO AP/AP50/AP75 of the detections against the input layouts, plus matched-box statistics.
@@ -256,18 +281,8 @@ def layout_metrics(detections: list[Detections], layouts: list[tuple[np.ndarray,
     (fraction of the image diagonal, matched boxes), and the share of target objects whose
     same-category detection has IoU >= 0.5 (success rate).
     """
-    ious, dists, success, total = [], [], 0, 0
-    for det, (boxes, labels) in zip(detections, layouts):
-        m = match_layout(det, boxes, labels, image_size)
-        matched = m.det_index >= 0
-        ious.extend(m.iou[matched].tolist())
-        dists.extend(m.centroid[matched].tolist())
-        success += int((m.iou >= 0.5).sum())
-        total += len(boxes)
-    ap, ap50, ap75 = coco_ap(detections, layouts, image_size, categories)[0].tolist()
-    return dict(num_images=len(layouts), num_objects=total, success_rate=success / max(total, 1),
-                mean_iou=float(np.mean(ious)) if ious else 0.0,
-                centroid_distance=float(np.mean(dists)) if dists else 1.0, ap=ap, ap50=ap50, ap75=ap75)
+    return pooled_metrics(per_image_matches(detections, layouts, image_size),
+                          coco_ap(detections, layouts, image_size, categories)[0])
 
 
 def coco_ap(detections: list[Detections], layouts: list[tuple[np.ndarray, np.ndarray]], image_size: tuple[int, int],

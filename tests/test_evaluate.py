@@ -318,7 +318,7 @@ def test_eval_errors(shapes_eval, tmp_path, capsys):
 
 def test_ap_bootstrap_standard_error():
     from structmar.evaluate import layout_scores
-    from structmar.reward import shapes_categories
+    from structmar.reward import layout_metrics, shapes_categories
 
     rng = np.random.default_rng(0)
     layouts, perfect, noisy = [], [], []
@@ -336,3 +336,5 @@ def test_ap_bootstrap_standard_error():
     assert 0.0 < mixed["ap50"] < 1.0 and mixed["ap50_se"] > 0.01
     assert mixed == layout_scores(noisy, layouts, (64, 64), shapes_categories(), bootstrap=10)  # seeded
     assert "ap50_se" not in layout_scores(noisy, layouts, (64, 64), shapes_categories())
+    pooled = layout_metrics(noisy, layouts, (64, 64), shapes_categories())  # the same figures, matched once
+    assert {key: mixed[key] for key in pooled} == pytest.approx(pooled, abs=1e-12)
