@@ -383,6 +383,12 @@ def _ratio_se(numerators, denominators) -> float | None:
     return float(math.sqrt(n / (n - 1) * np.square(residual).sum()) / total)
 
 
+def bootstrap_resamples(n: int, count: int) -> list[np.ndarray]:
+    """`count` seeded bootstrap draws of n image indices (a rerun reports the same standard errors)."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, n, n) for _ in range(count)]
+
+
 def layout_scores(detections, layouts, image_size: tuple[int, int], categories: dict[int, str],
                   bootstrap: int = 0) -> dict:
     """reward.layout_metrics plus standard errors over images and the mean GRPO-style reward.
@@ -392,10 +398,7 @@ def layout_scores(detections, layouts, image_size: tuple[int, int], categories: 
     """
     from structmar.reward import RewardWeights, coco_ap, layout_rewards, per_image_matches, pooled_metrics
 
-    resamples = []
-    if bootstrap:
-        rng = np.random.default_rng(0)
-        resamples = [rng.integers(0, len(layouts), len(layouts)) for _ in range(bootstrap)]
+    resamples = bootstrap_resamples(len(layouts), bootstrap)
     ap = coco_ap(detections, layouts, image_size, categories, resamples)  # one pycocotools matching for all rows
     per = per_image_matches(detections, layouts, image_size)
     result = pooled_metrics(per, ap[0])
@@ -600,8 +603,7 @@ def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: 
         if a["results"]["image_size"] != b["results"]["image_size"]:
             raise ValueError("the two evaluations generated images of different sizes")
     n = len(targets)
-    rng = np.random.default_rng(0)
-    resamples = [rng.integers(0, n, n) for _ in range(bootstrap)]
+    resamples = bootstrap_resamples(n, bootstrap)
 
     def ap50s(detections) -> np.ndarray:  # on every layout, then on each resample
         return coco_ap(detections, targets, size, a["categories"], resamples)[:, 1]
