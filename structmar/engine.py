@@ -14,6 +14,7 @@ A kill during a save leaves `latest` naming the previous, complete tag.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -99,8 +100,29 @@ def init_distributed(device: str) -> DistEnv:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+        if device == "cpu":
+            _release_shm_workspace()
     torch_device = torch.device("cpu") if device == "cpu" else torch.device("cuda", local_rank)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
+
+
+SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def _release_shm_workspace() -> None:
+    """Unlink this rank's DeepSpeed shared-memory allreduce workspace, keeping its mappings.
+
+    DeepSpeed's CPU backend creates a 66 MB /dev/shm segment per rank when all ranks share a node (the
+    launcher sets LOCAL_SIZE) and never unlinks it, so every CPU run under the launcher left 66 MB of RAM
+    per rank in /dev/shm until reboot. Once init_distributed has returned, every rank has mapped all its
+    peers' segments, so after a barrier each rank unlinks its own name: the memory lives on while the
+    processes run and is freed when they exit, however they exit.
+    """
+    path = SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                port=os.environ.get("MASTER_PORT", ""), rank=dist.get_rank())
+    dist.barrier()  # no peer may still be waiting to open this rank's segment
+    with contextlib.suppress(FileNotFoundError):  # a world not on one node, or no shared-memory op
+        os.unlink(path)
 
 
 def barrier() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,42 @@ def test_engine_step_skip_ema_and_export_in_one_process(tmp_path):
         assert r["moved"] > 1e-3, precision
         # EMA from the fp32 weights as loaded and the fp32 master after the step, bf16 engine included
         assert r["ema_formula"] <= 1e-7, (precision, r["ema_formula"])
+
+
+_SHM_SCRIPT = textwrap.dedent(
+    """
+    import json, os
+    import torch
+    from structmar import engine
+
+    env = engine.init_distributed("cpu")
+    import deepspeed.comm as ds_dist
+
+    t = torch.full((4,), float(env.rank + 1))
+    ds_dist.inference_all_reduce(t)  # DeepSpeed's shared-memory allreduce, through the unlinked segments
+    own = engine.SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ["MASTER_ADDR"],
+                                      port=os.environ["MASTER_PORT"], rank=env.rank)
+    print("RESULT" + json.dumps(dict(rank=env.rank, local_size=os.environ.get("LOCAL_SIZE"), sum=t.tolist(),
+                                     own_exists=os.path.exists(own), port=os.environ["MASTER_PORT"])))
+    engine.barrier()
+    """
+)
+
+
+@pytest.mark.slow
+def test_cpu_launch_leaves_no_shared_memory(tmp_path, launch):
+    """Under `deepspeed --num_gpus 2` on CPU, DeepSpeed maps a 66 MB /dev/shm workspace per rank and never
+    unlinks it; init_distributed unlinks each rank's own name once every peer has mapped it, so the
+    shared-memory allreduce still works and the run leaves nothing in /dev/shm."""
+    script = tmp_path / "shm.py"
+    script.write_text(_SHM_SCRIPT)
+    proc = launch(2, [str(script)], cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(m) for m in re.findall(r"RESULT(\{[^}]*\})", proc.stdout)]  # the ranks' lines interleave
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["local_size"] == "2"  # the condition under which DeepSpeed creates the workspace
+        assert r["sum"] == [3.0] * 4 and not r["own_exists"], r
+    port = results[0]["port"]
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert left == [], left
