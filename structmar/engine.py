@@ -106,7 +106,10 @@ def init_distributed(device: str) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
 
 
-SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+def shm_workspace(rank: int) -> str:
+    """The /dev/shm path of `rank`'s DeepSpeed shared-memory allreduce workspace in this process group."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def _release_shm_workspace() -> None:
@@ -118,11 +121,9 @@ def _release_shm_workspace() -> None:
     peers' segments, so after a barrier each rank unlinks its own name: the memory lives on while the
     processes run and is freed when they exit, however they exit.
     """
-    path = SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
-                                port=os.environ.get("MASTER_PORT", ""), rank=dist.get_rank())
     dist.barrier()  # no peer may still be waiting to open this rank's segment
     with contextlib.suppress(FileNotFoundError):  # a world not on one node, or no shared-memory op
-        os.unlink(path)
+        os.unlink(shm_workspace(dist.get_rank()))
 
 
 def barrier() -> None:

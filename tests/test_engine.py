@@ -213,8 +213,7 @@ _SHM_SCRIPT = textwrap.dedent(
 
     t = torch.full((4,), float(env.rank + 1))
     ds_dist.inference_all_reduce(t)  # DeepSpeed's shared-memory allreduce, through the unlinked segments
-    own = engine.SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ["MASTER_ADDR"],
-                                      port=os.environ["MASTER_PORT"], rank=env.rank)
+    own = engine.shm_workspace(env.rank)
     print("RESULT" + json.dumps(dict(rank=env.rank, local_size=os.environ.get("LOCAL_SIZE"), sum=t.tolist(),
                                      own_exists=os.path.exists(own), port=os.environ["MASTER_PORT"])))
     engine.barrier()
