@@ -164,6 +164,32 @@ def model_config(preset: str, **overrides) -> ModelConfig:
 
 
 
+# ---- sampling ----------------------------------------------------------------------------------
+CFG_SCHEDULES = ("linear", "constant")
+
+
+@dataclass
+class SamplingConfig:
+    """How images are sampled (`sample`, `eval`, GRPO's rollouts, the demo): one default per knob.
+
+    A command whose default differs says why in its help (GRPO follows the paper's stage-3 command).
+    """
+
+    num_iter: int = 64  # autoregressive steps
+    cfg: float = 1.0  # classifier-free guidance scale (1: off)
+    cfg_schedule: str = "linear"  # linear: the scale grows with the tokens already generated (MAR); constant
+    temperature: float = 1.0  # multiplies the diffusion head's sampling noise
+
+    def validate(self) -> SamplingConfig:
+        if self.num_iter < 1:
+            raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is not one of {CFG_SCHEDULES}")
+        return self
+
+
 # ---- training (stages 1-2) --------------------------------------------------------------------
 TRAIN_MODES = ("text_layout", "full")
 LR_SCHEDULES = ("constant", "cosine")

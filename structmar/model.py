@@ -423,6 +423,22 @@ class StructMAR(nn.Module):
 EXPORT = "checkpoint-last.safetensors"  # a stage's consolidated model + EMA, the next stage's --resume
 
 
+def weights_file(path: str, flag: str = "--resume") -> str:
+    """The weights file `path` names: a file as it is, or a run directory's stage export (EXPORT).
+
+    The one rule for every command that takes weights (`train`/`rl --resume`, `sample`/`eval --checkpoint`);
+    `flag` names the option in the error.
+    """
+    if os.path.isdir(path):
+        export = os.path.join(path, EXPORT)
+        if not os.path.isfile(export):
+            raise FileNotFoundError(f"{flag} {path} is a directory without {EXPORT} (not a structmar run?)")
+        return export
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    return path
+
+
 @dataclass
 class Weights:
     model: dict
