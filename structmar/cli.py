@@ -153,11 +153,16 @@ def _add_train(sub) -> None:
 
 
 def _add_sampling_flags(p) -> None:
-    """How `sample` and `eval` load a model and sample; defaults live in structmar.evaluate (None = not given)."""
-    p.add_argument("--num_iter", type=int, help="autoregressive steps (default 64)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--cfg_schedule", choices=("linear", "constant"), help="default linear")
-    p.add_argument("--temperature", type=float, help="diffusion sampling temperature (default 1.0)")
+    """How `sample` and `eval` load a model and sample. A flag left out is not passed (None), so each default
+    lives in one place: the sampling knobs' in config.SamplingConfig (quoted in the help), the rest in
+    structmar.sampler and structmar.evaluate."""
+    from structmar.config import CFG_SCHEDULES, SamplingConfig
+
+    d = SamplingConfig()
+    p.add_argument("--num_iter", type=int, help=f"autoregressive steps (default {d.num_iter})")
+    p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale, 1: off (default {d.cfg:g})")
+    p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, help=f"default {d.cfg_schedule}")
+    p.add_argument("--temperature", type=float, help=f"diffusion sampling temperature (default {d.temperature})")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--clip_path", help="the CLIP directory the model's shards were built with "
                                        "(default pretrained_models/clip-vit-base-patch32)")
@@ -167,7 +172,7 @@ def _add_sampling_flags(p) -> None:
 
 
 def _add_sample(sub) -> None:
-    # Sampling defaults live in structmar.evaluate (a flag left out is not passed).
+    # Defaults live in structmar.sampler.sample_layout and config.SamplingConfig (a flag left out is not passed).
     p = sub.add_parser("sample", help="generate images of one layout spec (PNGs and box/tag overlays)",
                        description='A layout spec is JSON: {"caption": "...", "units": "normalized" (default) or '
                                    '"pixels", "image_size": S or [W, H] (needed for pixels), "boxes": [{"box": '
@@ -182,26 +187,30 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
 
     def run(args):
-        from structmar.evaluate import load_sampler, resolve_device, sample_layout
+        import dataclasses
+
+        from structmar.config import SamplingConfig
         from structmar.sample import read_layout_spec
+        from structmar.sampler import load_sampler, resolve_device, sample_layout
 
         spec = read_layout_spec(args.layout)
         if args.prompt is not None:
             spec.caption = args.prompt
         elif not spec.caption:
             raise UserError(f"{args.layout}: caption: missing; give one in the spec or pass --prompt")
-        loading = {k: getattr(args, k) for k in ("clip_path", "vae_path", "ema") if getattr(args, k) is not None}
-        gen = load_sampler(args.checkpoint, device=resolve_device(args.device), **loading)
-        names = ("num_images", "batch_size", "seed", "num_iter", "cfg", "cfg_schedule", "temperature")
-        sampling = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-        paths = sample_layout(gen, spec, args.out, source=args.layout, **sampling)
+        given = lambda names: {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        gen = load_sampler(args.checkpoint, device=resolve_device(args.device),
+                           **given(("clip_path", "vae_path", "ema")))
+        sampling = SamplingConfig(**given(f.name for f in dataclasses.fields(SamplingConfig)))
+        paths = sample_layout(gen, spec, args.out, sampling, source=args.layout,
+                              **given(("num_images", "batch_size", "seed")))
         print(f"structmar sample: wrote {len(paths)} files to {args.out}")
 
     p.set_defaults(func=run)
 
 def _add_eval(sub) -> None:
-    # Defaults live in structmar.evaluate.EvalOptions (a flag left out is not passed), so building the
-    # parser imports no torch.
+    # Defaults live in structmar.evaluate.EvalOptions, whose sampling knobs take config.SamplingConfig's (a flag
+    # left out is not passed), so building the parser imports no torch.
     p = sub.add_parser("eval", help="layout fidelity (AP, IoU, success), FID and CLIP score on a COCO-format val set",
                        description="Runs as one process or one per GPU (RANK/WORLD_SIZE from torchrun/srun); "
                                    "rank 0 merges the ranks' results through files under --out.")

@@ -282,7 +282,7 @@ def rollout(model: StructMAR, tokenizer, batch: dict, reward_fn: RewardFn, *, gr
         orders = sample_orders(n, model.cfg.seq_len, device=model.fake_latent.device,
                                generator=generator).repeat_interleave(group_size, 0)
     with rollout_schedule(model.diffloss, num_steps):
-        out = sample_latents(model, grouped, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+        out = sample_latents(model, grouped, num_iter=num_iter, guidance=cfg, cfg_schedule=cfg_schedule,
                              temperature=temperature, generator=generator, record=record, orders=orders)
     images = ((tokenizer.decode(out.latents.float()).float() + 1) / 2).clamp(0, 1).cpu()  # (N, 3, H, W)
     t1 = time.perf_counter()

@@ -352,7 +352,8 @@ class StructMAR(nn.Module):
         table = TokenTable(kind, cell, row, col, *box.unbind(-1))
         return Condition(buffer, table, text, text_mask)
 
-    def _context(self, table: TokenTable, cond: Condition) -> Context:
+    def attention_context(self, table: TokenTable, cond: Condition) -> Context:
+        """What every block's attention needs for the tokens of `table`: text, RoPE rows and the layout bias."""
         cfg = self.cfg
         ctx = Context(text=cond.text, text_mask=cond.text_mask)
         if cfg.rope:
@@ -381,7 +382,7 @@ class StructMAR(nn.Module):
         masked = torch.cat([torch.zeros(B, S, dtype=torch.bool, device=mask.device), mask.bool()], 1)
         kept = (~masked).nonzero()[:, 1].reshape(B, -1)  # ascending positions; every row keeps as many
         x = torch.gather(x, 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, S + kept, W)
-        x = self._run(self.encoder_blocks, x, self._context(cond.table.gather(kept), cond))
+        x = self._run(self.encoder_blocks, x, self.attention_context(cond.table.gather(kept), cond))
         return self.encoder_norm(x), kept
 
     def forward_decoder(self, x: torch.Tensor, kept: torch.Tensor, cond: Condition) -> torch.Tensor:
@@ -390,7 +391,7 @@ class StructMAR(nn.Module):
         B, W = x.shape[0], x.shape[-1]
         full = self.mask_token.to(x.dtype).expand(B, self.cfg.buffer_size + self.cfg.seq_len, W)
         x = full.scatter(1, kept.unsqueeze(-1).expand(-1, -1, W), x) + self.decoder_pos_embed_learned  # (B, S + L, W)
-        x = self.decoder_norm(self._run(self.decoder_blocks, x, self._context(cond.table, cond)))
+        x = self.decoder_norm(self._run(self.decoder_blocks, x, self.attention_context(cond.table, cond)))
         return x[:, self.cfg.buffer_size:] + self.diffusion_pos_embed_learned
 
     def predict(self, tokens: torch.Tensor, mask: torch.Tensor, cond: Condition) -> torch.Tensor:

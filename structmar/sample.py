@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from structmar.config import CFG_SCHEDULES, SamplingConfig
 from structmar.diffusion import DenoisingTrace
 from structmar.model import StructMAR, mask_by_order, sample_orders, unpatchify
 
@@ -54,36 +55,38 @@ def _repeat_batch(batch: dict, times: int) -> dict:
     return {k: torch.cat([v] * times) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def cfg_scale_at(cfg: float, schedule: str, num_masked_after: int, seq_len: int) -> float:
-    """Guidance of a step: constant, or linear from 1 to `cfg` in the share of tokens generated after it."""
+def cfg_scale_at(guidance: float, schedule: str, num_masked_after: int, seq_len: int) -> float:
+    """Guidance of a step: constant, or linear from 1 to `guidance` in the share of tokens generated after it."""
     if schedule == "constant":
-        return cfg
+        return guidance
     if schedule == "linear":
-        return 1.0 + (cfg - 1.0) * (seq_len - num_masked_after) / seq_len
-    raise ValueError(f"unknown cfg schedule {schedule!r}; known: linear, constant")
+        return 1.0 + (guidance - 1.0) * (seq_len - num_masked_after) / seq_len
+    raise ValueError(f"unknown cfg schedule {schedule!r}; known: {', '.join(CFG_SCHEDULES)}")
 
 
 @torch.no_grad()
-def sample_latents(model: StructMAR, batch: dict, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                   temperature: float = 1.0, generator: torch.Generator | None = None,
+def sample_latents(model: StructMAR, batch: dict, num_iter: int = SamplingConfig.num_iter,
+                   guidance: float = SamplingConfig.cfg, cfg_schedule: str = SamplingConfig.cfg_schedule,
+                   temperature: float = SamplingConfig.temperature, generator: torch.Generator | None = None,
                    record: bool = False, orders: torch.Tensor | None = None) -> SampleOutput:
     """Generate token latents for the conditions in `batch` (text/layout keys of the training batch contract).
 
-    The batch size comes from `text_pooled` (or `boxes`); every random draw uses `generator`. `orders`
-    (B, L), a permutation of the tokens per row, fixes the generation orders (default: uniformly random).
+    `guidance` is the classifier-free guidance scale (the `--cfg` flag; 1: off). The batch size comes from
+    `text_pooled` (or `boxes`); every random draw uses `generator`. `orders` (B, L), a permutation of the
+    tokens per row, fixes the generation orders (default: uniformly random).
     """
-    mcfg = model.cfg
+    cfg = model.cfg
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}")
-    cfg_scale_at(cfg, cfg_schedule, 0, 1)  # validate the schedule name before any work
+    cfg_scale_at(guidance, cfg_schedule, 0, 1)  # validate the schedule name before any work
     ref = batch.get("text_pooled", batch.get("boxes"))
     if ref is None:
         raise ValueError("the sampling batch needs 'text_pooled' or 'boxes' to know its size")
-    B, L, C = ref.shape[0], mcfg.seq_len, mcfg.token_channels
+    B, L, C = ref.shape[0], cfg.seq_len, cfg.token_channels
     dev = model.fake_latent.device
     dtype = model.fake_latent.dtype
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items() if k != "latents"}
-    guided = cfg != 1.0
+    guided = guidance != 1.0
     if guided:  # one pass over [conditional; unconditional]
         drop = torch.cat([torch.zeros(B, dtype=torch.bool, device=dev), torch.ones(B, dtype=torch.bool, device=dev)])
         cond = model.condition(_repeat_batch(batch, 2), drop)
@@ -106,7 +109,7 @@ def sample_latents(model: StructMAR, batch: dict, num_iter: int = 64, cfg: float
         num_masked = max(1, min(remaining - 1, num_masked))
         mask_next = mask_by_order(num_masked, orders)
         to_pred = mask if step == num_iter - 1 else mask & ~mask_next
-        scale = cfg_scale_at(cfg, cfg_schedule, num_masked, L)
+        scale = cfg_scale_at(guidance, cfg_schedule, num_masked, L)
         b_idx, t_idx = to_pred.nonzero(as_tuple=True)
         z_cond = z[:B][b_idx, t_idx]
         z_uncond = z[B:][b_idx, t_idx] if guided else None
@@ -116,7 +119,7 @@ def sample_latents(model: StructMAR, batch: dict, num_iter: int = 64, cfg: float
         tokens = tokens.clone()
         tokens[b_idx, t_idx] = x.to(tokens.dtype)
         mask = mask_next if step < num_iter - 1 else torch.zeros_like(mask)
-    out.latents = unpatchify(tokens, mcfg.grid_size)
+    out.latents = unpatchify(tokens, cfg.grid_size)
     return out
 
 

@@ -14,9 +14,8 @@ Shard i of a split (`{split}-{i:06d}.tar`) holds the usable images with sorted-i
 [i * n, (i + 1) * n); builder slot w of W builds the shards with i % W == w, so any number of
 processes, GPUs or nodes (and reruns) agree on the contents. Each shard is written to a temp file,
 fsynced and renamed, then described by a sidecar `{split}-{i:06d}.json` (count, sha256, image ids);
-`manifest.json` is rebuilt from the sidecars under a file lock. Tars are written by WebDataset's
-TarWriter as plain ustar and read back by a small header parser (WebDataset's tar iterator for
-tars with extended headers).
+`manifest.json` is rebuilt from the sidecars under a file lock. The tar and .npy bytes are
+structmar.shard_tar's (plain ustar written by WebDataset's TarWriter, read by a small header parser).
 
 The loader (`ShardLoader`) splits shards by rank then by DataLoader worker after a seeded,
 epoch-aware shuffle, gives every rank the same number of batches, picks image or flip (the box flip
@@ -26,28 +25,23 @@ worker, batch), draws a fresh posterior sample per step, and resumes mid-epoch f
 
 from __future__ import annotations
 
-import ast
 import fcntl
-import hashlib
-import io
 import json
 import math
 import os
 import random
-import tarfile
 import warnings
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from structmar import atomic
 from structmar.coco import CocoLayouts, Layout, flip_boxes
-from structmar.tokenizer import latent_scale, sample_latents
+from structmar.shard_tar import ShardError, iter_shard, load_npy, npy_bytes, sha256, write_shard
+from structmar.tokenizer import latent_scale, sample_posterior
 
 FORMAT = "structmar-shards-v1"
 MANIFEST = "manifest.json"
@@ -56,55 +50,11 @@ SKIP_REASONS = ("corrupt", "missing_payload", "bad_shape", "nonfinite", "empty_l
                 "unknown_category")
 
 
-class ShardError(ValueError):
-    """Bad shard data; `.reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
 # ---- payload encoding ---------------------------------------------------------------------------
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple, int]] = {}
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    """Parse .npy bytes without pickles; headers are cached because a split repeats a few shapes."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy payload")
-    major = data[6]
-    hlen_size = 2 if major == 1 else 4
-    hlen = int.from_bytes(data[8:8 + hlen_size], "little")
-    start = 8 + hlen_size
-    header = data[start:start + hlen]
-    parsed = _NPY_HEADERS.get(header)
-    if parsed is None:
-        d = ast.literal_eval(header.decode("latin1"))
-        if d["fortran_order"]:
-            raise ValueError("fortran-order .npy payloads are not supported")
-        dtype = np.dtype(d["descr"])
-        if dtype.hasobject:
-            raise ValueError("object .npy payloads are not allowed")
-        parsed = (dtype, tuple(d["shape"]), start + hlen)
-        if len(_NPY_HEADERS) < 4096:
-            _NPY_HEADERS[header] = parsed
-    dtype, shape, offset = parsed
-    count = math.prod(shape)
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f"truncated .npy payload ({len(data) - offset} bytes for shape {shape})")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -123,7 +73,7 @@ def encode_sample(layout: Layout, moments: np.ndarray, text: np.ndarray, lengths
         a16 = np.asarray(a, dtype=np.float16)
         if not np.isfinite(a16).all():
             raise ValueError(f"image {layout.image_id}: non-finite values in {name} (after fp16 conversion)")
-        out[name] = _npy_bytes(a16)
+        out[name] = npy_bytes(a16)
     meta = dict(image_id=int(layout.image_id), orig_size=list(layout.orig_size),
                 boxes=[[round(float(v), 6) for v in b] for b in layout.boxes],
                 category_ids=[int(c) for c in layout.category_ids], tags=list(layout.tags),
@@ -147,10 +97,10 @@ def decode_sample(raw: dict, schema: Schema) -> dict:
     if missing:
         raise ShardError("missing_payload", f"missing payload {', '.join(missing)}")
     try:
-        moments = _load_npy(raw["moments.npy"])
-        text = _load_npy(raw["text.npy"])
-        pooled = _load_npy(raw["pooled.npy"])
-        tags = _load_npy(raw["tags.npy"])
+        moments = load_npy(raw["moments.npy"])
+        text = load_npy(raw["text.npy"])
+        pooled = load_npy(raw["pooled.npy"])
+        tags = load_npy(raw["tags.npy"])
         meta = json.loads(raw["layout.json"])
         boxes = np.asarray(meta["boxes"], dtype=np.float32).reshape(-1, 4)
         cats = np.asarray(meta["category_ids"], dtype=np.int64)
@@ -188,128 +138,7 @@ def decode_sample(raw: dict, schema: Schema) -> dict:
                 lengths=lengths, image_id=image_id)
 
 
-def _read(f, n: int) -> bytes:
-    """n bytes from unbuffered file `f` (fewer only at end of file): one read call in the usual case."""
-    data = f.read(n)
-    if len(data) == n or not data:
-        return data
-    parts, have = [data], len(data)
-    while have < n and (more := f.read(n - have)):
-        parts.append(more)
-        have += len(more)
-    return b"".join(parts)
-
-
-def _byte_sum(block: bytes) -> int:
-    """Sum of the bytes of a 512-byte block, exactly: Adler-32's low half is 1 + the byte sum modulo
-    65521, and a 256-byte half sums to at most 65280, so no reduction happens (4x faster than sum())."""
-    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
-
-
-def _tar_members(f):
-    """(member name, payload bytes) of a plain ustar stream read unbuffered, checksums verified.
-
-    Python's tarfile costs ~100 us a member; shards are plain ustar files (what TarWriter writes with
-    an integer mtime), so this reads the fixed 512-byte headers directly (~8 us a member): each
-    payload is read straight into its own bytes object, then its padding and the next header in one
-    more read. Archives using pax or GNU long-name headers are read with tarfile instead.
-    """
-    header = _read(f, 512)
-    while True:
-        if len(header) < 512:
-            raise ShardError("corrupt", "header cut short")
-        if header[0] == 0 and header.count(0) == 512:  # a member header starts with its name
-            return  # end-of-archive marker
-        try:
-            size = int(header[124:136].rstrip(b"\0 ").strip() or b"0", 8)
-            checksum = int(header[148:156].rstrip(b"\0 ").strip(), 8)
-        except ValueError:
-            raise ShardError("corrupt", "unreadable tar header") from None
-        if checksum != _byte_sum(header) - sum(header[148:156]) + 256:  # the field counts as 8 spaces
-            raise ShardError("corrupt", "tar header checksum mismatch")
-        kind = header[156:157]
-        if kind in (b"x", b"g", b"L", b"K"):
-            raise _NotPlainUstar
-        member = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar" and header[345] != 0:
-            member = header[345:500].split(b"\0", 1)[0] + b"/" + member
-        data = _read(f, size)
-        if len(data) < size:
-            raise ShardError("corrupt", f"member {member.decode(errors='replace')} cut short")
-        pad = -size % 512
-        header = _read(f, pad + 512)[pad:]
-        if kind in (b"0", b"\0"):
-            yield member.decode("utf-8"), data
-
-
-class _NotPlainUstar(Exception):
-    pass
-
-
-def _tarfile_members(f):
-    for member in wds.tariterators.tar_file_iterator(f):
-        yield member["fname"], member["data"]
-
-
-def iter_shard(path: str, expected: int | None = None):
-    """Raw samples (dicts of payload bytes + __key__ + __shard__) of one tar; a bad tar raises ShardError.
-
-    A tar cut short can end cleanly at a member boundary, so truncation is caught two ways: the
-    end-of-archive marker (two zero blocks) must be present, and the sample count must equal `expected`.
-    """
-    name = os.path.basename(path)
-    current, last_key, count = None, None, 0
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 1024 or size % 512:
-                raise ShardError("corrupt", f"{size} bytes")
-            f.seek(size - 1024)
-            if _read(f, 1024).count(0) != 1024:
-                raise ShardError("corrupt", "no end-of-archive marker")
-            for attempt in range(2):
-                f.seek(0)
-                current, last_key, count = None, None, 0
-                try:
-                    for fname, data in (_tar_members(f) if attempt == 0 else _tarfile_members(f)):
-                        key, dot, ext = fname.partition(".")
-                        if not dot:
-                            continue
-                        if current is not None and key != current["__key__"]:
-                            last_key = current["__key__"]
-                            count += 1
-                            yield current
-                            current = None
-                        if current is None:
-                            current = {"__key__": key, "__shard__": name}
-                        if ext in current:
-                            raise ShardError("corrupt", f"sample {key} has a duplicate {ext}")
-                        current[ext] = data
-                    break
-                except _NotPlainUstar:
-                    if count:
-                        raise ShardError("corrupt", "mixes plain and extended tar headers") from None
-    except (ShardError, tarfile.TarError, OSError, EOFError) as e:
-        where = f"after sample {last_key}" if last_key else "at its start"
-        raise ShardError("corrupt", f"shard {name}: corrupt or truncated tar {where} ({e})") from None
-    if current is not None:
-        count += 1
-        yield current
-    if expected is not None and count != expected:
-        last = current["__key__"] if current else None
-        raise ShardError("corrupt", f"shard {name}: corrupt or truncated tar after sample {last} "
-                         f"({count} samples, the manifest lists {expected})")
-
-
 # ---- manifest -----------------------------------------------------------------------------------
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_command(shard_dir: str, split: str, tokenizer: str = "pixel", image_size: int = 256,
@@ -411,7 +240,7 @@ def _shard_done(out: str, name: str, fingerprint: dict, image_ids: list[int]) ->
         if s["fingerprint"].get(key) != value:
             raise ValueError(f"{side} was built with {key} {s['fingerprint'].get(key)!r}, this run has {value!r}; "
                              "use a new --out directory")
-    return s["image_ids"] == image_ids and s["sha256"] == _sha256(tar)
+    return s["image_ids"] == image_ids and s["sha256"] == sha256(tar)
 
 
 def _encode_batch(coco: CocoLayouts, layouts: list[Layout], tokenizer, text_encoder, pool, device,
@@ -442,22 +271,6 @@ def _encode_batch(coco: CocoLayouts, layouts: list[Layout], tokenizer, text_enco
         samples.append(sample)
         start += n
     return samples
-
-
-def _write_shard(path: str, samples: list[dict]) -> tuple[str, int]:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        # Fixed mtime/owner: rebuilding a shard from the same inputs gives the same bytes and sha256.
-        # An integer mtime keeps the members plain ustar (a float adds a pax header to each).
-        writer = wds.TarWriter(f, encoder=False, mtime=0, user="structmar", group="structmar")
-        for s in samples:
-            writer.write(s)
-        writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    atomic.fsync_dir(os.path.dirname(path) or ".")
-    return _sha256(path), os.path.getsize(path)
 
 
 def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, samples_per_shard: int = 1000,
@@ -508,7 +321,7 @@ def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, sample
                 samples += _encode_batch(coco, layouts[b:b + batch_size], tokenizer, text_encoder, pool, device,
                                          tag_cache, schema)
                 bar.update(len(layouts[b:b + batch_size]))
-            sha, size = _write_shard(os.path.join(out, name + ".tar"), samples)
+            sha, size = write_shard(os.path.join(out, name + ".tar"), samples)
             side = dict(name=name + ".tar", num_samples=len(samples), sha256=sha, bytes=size,
                         image_ids=[lay.image_id for lay in layouts], fingerprint=fingerprint)
             atomic.write_text(os.path.join(out, name + ".json"), json.dumps(side))
@@ -538,7 +351,7 @@ def verify_shards(shard_dir: str, split: str) -> dict:
         path = os.path.join(shard_dir, s["name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"shard {s['name']} listed in the manifest is missing from {shard_dir}")
-        if _sha256(path) != s["sha256"]:
+        if sha256(path) != s["sha256"]:
             raise ValueError(f"shard {s['name']}: sha256 differs from the manifest (corrupted or rewritten)")
         count = 0
         for raw in iter_shard(path, s["num_samples"]):
@@ -816,7 +629,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         for key in ("text_tokens", "text_pooled", "tag_embeds"):
             if rows[key] is not view.get(key):
                 batch[key].copy_(torch.from_numpy(rows[key]))
-        batch["latents"].copy_(sample_latents(torch.from_numpy(moments), self.scale, gen))  # (B, C, g, g)
+        batch["latents"].copy_(sample_posterior(torch.from_numpy(moments), self.scale, gen))  # (B, C, g, g)
         return batch
 
 

@@ -2,7 +2,7 @@
 
 Both map images in [-1, 1] of shape (B, 3, S, S) to posterior moments (B, 2C, g, g) (mean then
 logvar) and scaled latents (B, C, g, g) back to images. Shards cache moments, not samples: the
-loader draws a fresh posterior sample every step with `sample_latents`, as MAR does.
+loader draws a fresh posterior sample every step with `sample_posterior`, as MAR does.
 
 This module is the one place that knows each tokenizer's latent scale (`LATENT_SCALES`).
 """
@@ -39,7 +39,7 @@ def latent_scale(name: str) -> float:
     return LATENT_SCALES[name]
 
 
-def sample_latents(moments: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_posterior(moments: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A posterior sample times `scale`: (B, 2C, g, g) moments -> (B, C, g, g) float32 latents."""
     moments = moments.float()
     mean, logvar = moments.chunk(2, dim=1)

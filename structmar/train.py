@@ -124,7 +124,7 @@ class EmaSampler:
     @torch.no_grad()
     def grid(self, ema: dict) -> torch.Tensor:
         """(3, H, W) in [0, 1]: the EMA model's samples with the layouts drawn in black."""
-        from structmar.evaluate import draw_layout, image_grid
+        from structmar.figures import draw_layout, image_grid
         from structmar.sample import generate_images
 
         self.model.load_state_dict(ema)

@@ -6,137 +6,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_metrics import write_two_tower_clip
 
 from structmar.cli import main
 from structmar.coco import CocoLayouts
 from structmar.config import model_config
-from structmar.evaluate import (
-    ClipScorer,
-    EvalOptions,
-    FIDInception,
-    draw_layout,
-    frechet_distance,
-    headroom,
-    image_grid,
-    inception_features,
-    load_evaluation,
-    paired_difference,
-    paired_differences,
-    run_eval,
-)
+from structmar.evaluate import EvalOptions, load_evaluation, run_eval
+from structmar.metrics import FIDInception, frechet_distance, paired_difference, paired_differences
 from structmar.model import StructMAR, write_export
-from structmar.reward import load_detector
 from structmar.shapes import generate_shapes
 from structmar.text import write_random_clip
-
-
-def test_overlay_draws_boxes_and_tags():
-    image = torch.zeros(3, 32, 32)
-    image[1] = 1.0  # green
-    out = draw_layout(image, np.array([[0.25, 0.25, 0.75, 0.75]]), ["red circle"])
-    assert out.size == (256, 256)  # upscaled for legibility
-    px = np.asarray(out)
-    assert (px[64:192, 64] == 0).all()  # the left edge of the box is black
-    assert (px[150, 150] == [0, 255, 0]).all()  # inside, away from the label, the image shows through
-    assert (px[10, 10] == [0, 255, 0]).all()
-    label = px[64:82, 64:120]  # the tag's black label with (antialiased) white text
-    assert (label == 0).all(-1).mean() > 0.3 and (label > 200).all(-1).sum() > 20
-    blank = np.asarray(draw_layout(image, np.zeros((0, 4)), []))
-    assert (blank == [0, 255, 0]).all()
-
-
-def test_grid_layout():
-    tiles = [draw_layout(torch.rand(3, 16, 16), np.zeros((0, 4)), [], min_side=16) for _ in range(6)]
-    grid = image_grid(tiles, ncol=4, pad=2)
-    assert grid.size == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)
-    with pytest.raises(ValueError):
-        image_grid([])
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fid") / "pt_inception.pth"
-    torch.manual_seed(0)
-    torch.save(FIDInception().net.state_dict(), path)
-    return str(path)
-
-
-def test_frechet_distance_matches_the_matrix_square_root_form():
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
-    rng = np.random.default_rng(0)
-    for n, m in ((200, 150), (12, 9)):  # more samples than dimensions (eigenvalue route) and fewer (nuclear norm)
-        a, b = rng.normal(size=(n, 32)), rng.normal(0.3, 1.5, size=(m, 32)) @ rng.normal(size=(32, 32))
-        ref = calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-        assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
-        assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
-
-
-def test_fid_with_inception_from_file(inception_file, tmp_path):
-    model = FIDInception.from_file(inception_file)
-    g = torch.Generator().manual_seed(0)
-    set_a = [torch.rand(3, 32, 32, generator=g) for _ in range(5)]
-    set_b = [torch.rand(3, 32, 32, generator=g) for _ in range(5)]
-    set_c = [(0.5 * torch.rand(3, 32, 32, generator=g) + 0.5) * torch.tensor([1.0, 0.2, 0.2])[:, None, None]
-             for _ in range(5)]
-    fa, fb, fc = (inception_features(model, s, batch_size=4) for s in (set_a, set_b, set_c))
-    assert fa.shape == (5, 2048)
-    assert frechet_distance(fa, fa) == pytest.approx(0.0, abs=1e-3)
-    same_distribution, other = frechet_distance(fa, fb), frechet_distance(fa, fc)
-    assert 0 < same_distribution < other  # a red-tinted set is farther than another uniform-noise set
-    with pytest.raises(ValueError, match="at least 2 images"):
-        frechet_distance(fa[:1], fb)
-
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
-        FIDInception.from_file(str(tmp_path / "absent.pth"))
-    wrong = tmp_path / "wrong.pth"
-    torch.save({"fc.weight": torch.zeros(3)}, wrong)
-    with pytest.raises(ValueError, match="not an FID Inception state dict"):
-        FIDInception.from_file(str(wrong))
-
-
-def write_two_tower_clip(path: str) -> str:
-    """A tiny random CLIP with both towers and an image processor, over write_random_clip's offline tokenizer."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    write_random_clip(path, seed=0, size="tiny")
-    tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-def test_clip_score_from_local_directory(tmp_path):
-    path = str(tmp_path / "clip")
-    write_random_clip(path, seed=0, size="tiny")  # the offline tokenizer (and a text-only model)
-    with pytest.raises(ValueError, match="needs a full CLIP model"):
-        ClipScorer(path)
-    scorer = ClipScorer(write_two_tower_clip(path))
-    images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
-    scores = scorer(images, ["a red circle", "a blue square above a green triangle", "two shapes"])
-    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 100)).all()
-    assert scorer.model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32)).pooler_output.shape == (1, 16)
-    again = scorer(images, ["a red circle", "a blue square above a green triangle", "two shapes"])
-    assert torch.equal(scores, again)
-    other = scorer(images, ["zzz", "qqq", "xxx"])
-    assert not torch.allclose(scores, other)
-
 
 # ---- `structmar eval` end to end on a tiny Shapes val set ---------------------------------------------
 
 
 class ColourStats(torch.nn.Module):
-    """A cheap stand-in for the FID Inception (the real one is tested above): per-channel means and stds."""
+    """A cheap stand-in for the FID Inception (test_metrics.py tests the real one): per-channel means and stds."""
 
     def __init__(self):
         super().__init__()
@@ -263,36 +148,6 @@ def test_paired_difference_of_two_evaluations(shapes_eval, single_process, tmp_p
         paired_difference(a, load_evaluation(str(tmp_path / "fewer")))
     with pytest.raises(FileNotFoundError, match="absent/results.json is missing"):
         load_evaluation(str(tmp_path / "absent"))
-
-
-def test_headroom_pass_at_one_and_at_k(shapes_eval):
-    """pass@1 averages an object's success over its K samples, pass@K asks for one of them: the real image as
-    every sample gives the two equal and no spread; the real image as one sample of K (blank images for the
-    others) keeps pass@K, divides pass@1 by K and makes the real image each layout's best."""
-    coco = CocoLayouts(shapes_eval["root"], "val2014", image_size=32, max_objects=8)
-    detector = load_detector("shapes", None, coco.categories)
-    k = 3
-
-    def real(layouts):
-        return torch.stack([torch.from_numpy(coco.image(lay)).permute(2, 0, 1).float() / 255 for lay in layouts])
-
-    def first_real(layouts):  # each layout's K samples arrive side by side
-        images = real(layouts)
-        images[torch.arange(len(layouts)) % k != 0] = 0
-        return images
-
-    every = headroom(real, coco.layouts, detector, coco.categories, 32, k, batch_size=5)
-    once = headroom(first_real, coco.layouts, detector, coco.categories, 32, k, batch_size=5)
-    objects = sum(len(lay.category_ids) for lay in coco.layouts)
-    assert every["layouts"] == once["layouts"] == 16 and every["all"]["objects"] == once["all"]["objects"] == objects
-    assert every["all"]["pass1"] == every["all"]["passk"] >= 0.9
-    assert every["reward_std_within"] == 0 and every["reward_best_of_k"] == pytest.approx(every["reward_mean"])
-    assert once["all"]["passk"] == every["all"]["passk"]
-    assert once["all"]["pass1"] == pytest.approx(every["all"]["pass1"] / k)
-    assert once["reward_best_of_k"] == pytest.approx(every["reward_mean"]) and once["reward_std_within"] > 0
-    assert once["reward_mean"] < every["reward_mean"]
-    assert sum(v["objects"] for v in once["by_category"].values()) == objects
-    assert set(once["by_category"]) <= set(coco.categories.values())
 
 
 def test_eval_errors(shapes_eval, tmp_path, capsys):

@@ -260,7 +260,7 @@ def test_encoder_uses_true_positions_of_kept_tokens():
     image = table.kind == 0
     assert torch.equal(table.cell[image], (kept - S)[image])
     assert torch.equal(table.row[image] * cfg.grid_size + table.col[image], (kept - S)[image])
-    ctx = model._context(table, cond)
+    ctx = model.attention_context(table, cond)
     assert torch.equal(ctx.sin[image], model.rope_sin[(kept - S)[image]])
     assert ctx.sin[~image].eq(0).all() and ctx.cos[~image].eq(1).all()  # buffer unrotated
 

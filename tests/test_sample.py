@@ -35,7 +35,7 @@ def conditions(cfg, B=2, K=3, Lt=5):
 def test_seeded_sampling_is_deterministic():
     model = make_model()
     batch = conditions(model.cfg)
-    run = lambda seed, **kw: sample_latents(model, batch, num_iter=4, cfg=2.0, temperature=0.9,
+    run = lambda seed, **kw: sample_latents(model, batch, num_iter=4, guidance=2.0, temperature=0.9,
                                             generator=torch.Generator().manual_seed(seed), **kw).latents
     a = run(0)
     assert a.shape == (2, model.cfg.token_channels, model.cfg.grid_size, model.cfg.grid_size)
@@ -58,8 +58,8 @@ def test_cosine_mask_schedule_and_trajectory():
     model = make_model()
     cfg, L = model.cfg, model.cfg.seq_len
     num_iter = 6
-    out = sample_latents(model, conditions(cfg), num_iter=num_iter, cfg=3.0, generator=torch.Generator().manual_seed(0),
-                         record=True)
+    out = sample_latents(model, conditions(cfg), num_iter=num_iter, guidance=3.0,
+                         generator=torch.Generator().manual_seed(0), record=True)
     assert len(out.steps) == num_iter
     remaining = L
     seen = torch.zeros(2, L, dtype=torch.int64)
@@ -85,7 +85,7 @@ def test_recorded_steps_reproduce_log_probs():
     """GRPO's recomputation: z from the recorded mask and the final tokens, then the step's Gaussian."""
     model = make_model()
     batch = conditions(model.cfg)
-    out = sample_latents(model, batch, num_iter=3, cfg=2.5, temperature=0.7,
+    out = sample_latents(model, batch, num_iter=3, guidance=2.5, temperature=0.7,
                          generator=torch.Generator().manual_seed(0), record=True)
     step = out.steps[1]
     tokens = patchify(out.latents) * (~step.mask).unsqueeze(-1)  # what was known when the step ran

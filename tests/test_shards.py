@@ -16,15 +16,14 @@ from structmar.cli import main
 from structmar.coco import CocoLayouts, flip_boxes
 from structmar.config import model_config
 from structmar.shapes import generate_shapes
+from structmar.shard_tar import ShardError, iter_shard
 from structmar.shards import (
     PAYLOADS,
-    ShardError,
     ShardLoader,
     _resolve_slots,
     _schema,
     build_shards,
     decode_sample,
-    iter_shard,
     read_manifest,
     verify_shards,
 )
@@ -374,18 +373,6 @@ def test_cli_spawns_local_builder_processes(env, tmp_path, capsys):
     assert "verified 5 shards, 40 samples" in capsys.readouterr().out
     assert read_manifest(out)["splits"]["train2014"]["shards"] == read_manifest(env["out"])["splits"]["train2014"][
         "shards"]
-
-
-def test_tars_with_pax_headers_read_the_same(env, tmp_path):
-    src = os.path.join(env["out"], "train2014-000000.tar")
-    raws = list(iter_shard(src, PER_SHARD))
-    path = str(tmp_path / "pax.tar")
-    _rewrite(path, [{k: v for k, v in r.items() if k != "__shard__"} for r in raws])  # float mtime: pax headers
-    with tarfile.open(path) as tar:
-        assert any(m.pax_headers for m in tar.getmembers())
-    again = list(iter_shard(path, PER_SHARD))
-    assert [{k: v for k, v in r.items() if k != "__shard__"} for r in again] == [
-        {k: v for k, v in r.items() if k != "__shard__"} for r in raws]
 
 
 def test_resume_with_another_layout_is_refused_or_warned(env):

@@ -7,7 +7,7 @@ from structmar.tokenizer import (
     build_tokenizer,
     latent_scale,
     latent_shape,
-    sample_latents,
+    sample_posterior,
     write_random_kl16,
 )
 
@@ -29,17 +29,17 @@ def test_pixel_round_trip_and_moments():
     assert torch.all(moments[:, 48:] == moments[0, 48, 0, 0]) and moments[0, 48, 0, 0] < -20
     # Token (gy, gx) holds exactly the pixels of patch (gy, gx).
     assert torch.equal(moments[1, :48, 2, 3].reshape(3, 4, 4), images[1, :, 8:12, 12:16])
-    latents = sample_latents(moments, tok.scale, torch.Generator().manual_seed(0))
+    latents = sample_posterior(moments, tok.scale, torch.Generator().manual_seed(0))
     assert latents.shape == (2, 48, 4, 4)
     assert torch.allclose(tok.decode(latents), images, atol=1e-5)
     assert (tok.id, tok.channels, tok.stride, tok.scale) == ("pixel-p4", 48, 4, 1.0)
 
 
-def test_sample_latents_statistics_and_determinism():
+def test_sample_posterior_statistics_and_determinism():
     mean, logvar = torch.full((1, 2, 64, 64), 3.0), torch.full((1, 2, 64, 64), 2 * torch.log(torch.tensor(0.5)))
     moments = torch.cat([mean, logvar], 1).half()  # shards store fp16 moments
-    a = sample_latents(moments, 0.2325, torch.Generator().manual_seed(1))
-    b = sample_latents(moments, 0.2325, torch.Generator().manual_seed(1))
+    a = sample_posterior(moments, 0.2325, torch.Generator().manual_seed(1))
+    b = sample_posterior(moments, 0.2325, torch.Generator().manual_seed(1))
     assert a.dtype == torch.float32 and torch.equal(a, b)
     assert abs(a.mean().item() / 0.2325 - 3.0) < 0.02
     assert abs(a.std().item() / 0.2325 - 0.5) < 0.02
@@ -80,7 +80,7 @@ def test_kl16_checkpoint_round_trip(tmp_path, capsys):
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     moments = tok.encode(images)
     assert moments.shape == (2, 32, 2, 2) and torch.isfinite(moments).all()
-    out = tok.decode(sample_latents(moments, tok.scale))
+    out = tok.decode(sample_posterior(moments, tok.scale))
     assert out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
     # Deterministic encoder: the same weights give the same moments.
     assert torch.equal(moments, build_tokenizer("kl16", vae_path=path).encode(images))

@@ -21,7 +21,8 @@ import torch
 
 from structmar.coco import Layout
 from structmar.config import model_config
-from structmar.shards import ShardLoader, _write_shard, encode_sample, shard_name, update_manifest
+from structmar.shard_tar import write_shard
+from structmar.shards import ShardLoader, encode_sample, shard_name, update_manifest
 
 
 def write_synthetic_shards(out: str, samples: int, per_shard: int, captions: int, caption_tokens: int,
@@ -44,7 +45,7 @@ def write_synthetic_shards(out: str, samples: int, per_shard: int, captions: int
                 lay, rng.standard_normal((2, 32, 16, 16)), rng.standard_normal((captions, caption_tokens, 512)),
                 lengths.tolist(), rng.standard_normal((captions, 512)), rng.standard_normal((boxes, 512))))
         name = shard_name(split, i // per_shard)
-        sha, size = _write_shard(os.path.join(out, name + ".tar"), rows)
+        sha, size = write_shard(os.path.join(out, name + ".tar"), rows)
         total += size
         with open(os.path.join(out, name + ".json"), "w") as f:
             json.dump(dict(name=name + ".tar", num_samples=len(rows), sha256=sha, bytes=size, image_ids=[],

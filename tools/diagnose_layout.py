@@ -45,7 +45,7 @@ def attention_mass(model: StructMAR, batch: dict) -> dict[str, float]:
     h = seen[0]
     B, N, _ = h.shape
     q, k, _ = block.attn.qkv(h).reshape(B, N, 3, cfg.num_heads, -1).permute(2, 0, 3, 1, 4)
-    ctx = model._context(cond.table, cond)
+    ctx = model.attention_context(cond.table, cond)
     if ctx.sin is not None:
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
     logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
