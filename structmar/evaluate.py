@@ -52,6 +52,7 @@ class EvalOptions:
     batch_size: int = 16
     num_grids: int = 1  # 4x4 figure grids written
     device: str = "auto"
+    gather_timeout: float = 3600.0  # seconds rank 0 waits for the other ranks' results
 
     @property
     def sampling(self) -> SamplingConfig:

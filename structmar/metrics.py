@@ -199,17 +199,13 @@ def layout_scores(detections, layouts, image_size: tuple[int, int], categories: 
     return result
 
 
-def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
-    """b minus a, two evaluations (`evaluate.load_evaluation`) of the same layouts, with standard errors of the
-    paired difference: AP50 from `bootstrap` resamples of the layouts shared by both (seeded), the success rate
-    and the reward over images. Each layout's own difficulty cancels, so a difference far smaller than either
-    figure's own standard error can show: what comparing two GRPO arms, or an arm and its control, needs."""
-    return paired_differences(a, [b], bootstrap)[0]
-
-
 def paired_differences(a: dict, others: list[dict], bootstrap: int = 100, mean: bool = False) -> list[dict]:
-    """`paired_difference(a, b)` for each b of `others`, with a's side (its AP50 on every resample, the same
-    seeded resamples for each b) computed once: one baseline against many arms costs half as much.
+    """b minus a for each b of `others`, evaluations (`evaluate.load_evaluation`) of the same layouts as a, with
+    standard errors of the paired difference: AP50 from `bootstrap` resamples of the layouts (seeded), the
+    success rate and the reward over images. Each layout's own difficulty cancels, so a difference far smaller
+    than either figure's own standard error can show: what comparing two GRPO arms, or an arm and its control,
+    needs. a's side (its AP50 on every resample, the same resamples for each b) is computed once: one baseline
+    against many arms costs half as much.
 
     `mean` returns one row instead: the mean over `others` of b minus a (several seeds of one arm against
     their common start), with standard errors over the layouts, which count each layout once."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from structmar.shapes import CATEGORY_BY_ID, ShapesDetector
+from structmar.shapes import ShapesDetector
 
 DETECTORS = ("torchvision_frcnn", "hf", "shapes")
 
@@ -136,10 +136,6 @@ def load_detector(kind: str, path: str | None = None, categories: dict[int, str]
         raise ValueError(f"--detector {kind} needs the dataset's categories to map its labels")
     cls = TorchvisionFasterRCNN if kind == "torchvision_frcnn" else HFDetector
     return cls(path, categories, device=device, score_threshold=score_threshold)
-
-
-def shapes_categories() -> dict[int, str]:
-    return {cid: c.name for cid, c in CATEGORY_BY_ID.items()}
 
 
 # ---- matching ---------------------------------------------------------------------------------------

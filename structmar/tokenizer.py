@@ -288,6 +288,8 @@ class KLTokenizer(nn.Module):
 def write_random_kl16(path: str, seed: int = 0, ch: int = 32, extra_loss_keys: bool = True) -> None:
     """Write a random-init KL-16 VAE in kl16.ckpt's format ({"model": state_dict}) for tests and demos.
 
+    Only tests call it, but it stays beside the loader: it writes the key layout `build_tokenizer` reads.
+
     `ch` 32 (the smallest GroupNorm-compatible width) runs in seconds on a CPU; `extra_loss_keys` adds
     `loss.*` entries like a real LDM checkpoint's.
     """

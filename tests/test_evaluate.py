@@ -12,7 +12,7 @@ from structmar.cli import main
 from structmar.coco import CocoLayouts
 from structmar.config import model_config
 from structmar.evaluate import EvalOptions, load_evaluation, run_eval
-from structmar.metrics import FIDInception, frechet_distance, paired_difference, paired_differences
+from structmar.metrics import FIDInception, frechet_distance, paired_differences
 from structmar.model import StructMAR, write_export
 from structmar.shapes import generate_shapes
 from structmar.text import write_random_clip
@@ -121,6 +121,10 @@ def test_eval_split_over_ranks_matches_one_process(shapes_eval, single_process, 
     assert results["clip_score"] == expected["clip_score"]
 
 
+def paired_difference(a: dict, b: dict, bootstrap: int = 100) -> dict:
+    return paired_differences(a, [b], bootstrap)[0]
+
+
 def test_paired_difference_of_two_evaluations(shapes_eval, single_process, tmp_path):
     """B minus A on the same layouts equals the difference of their own figures; an evaluation against itself
     differs by 0 with standard error 0; other layouts or an unfinished directory are refused by name."""
@@ -169,27 +173,3 @@ def test_eval_errors(shapes_eval, tmp_path, capsys):
     torch.save({"fingerprint": "another run"}, tmp_path / "d" / "parts" / "rank0001-of-0002.pt")
     with pytest.raises(TimeoutError, match="rank 1's results .* did not appear within 1 s"):
         run_eval(opts, rank=0, world_size=2)
-
-
-def test_ap_bootstrap_standard_error():
-    from structmar.evaluate import layout_scores
-    from structmar.reward import layout_metrics, shapes_categories
-
-    rng = np.random.default_rng(0)
-    layouts, perfect, noisy = [], [], []
-    for _ in range(24):
-        xy = rng.uniform(0, 0.5, (2, 2))
-        boxes, labels = np.concatenate([xy, xy + 0.4], 1), rng.integers(1, 13, 2)
-        layouts.append((boxes, labels))
-        px = torch.tensor(boxes * 64, dtype=torch.float32)
-        perfect.append(dict(boxes=px, labels=torch.tensor(labels), scores=torch.ones(2)))
-        shift = torch.tensor(rng.choice([0.0, 20.0], size=(2, 1)), dtype=torch.float32)  # half the boxes miss
-        noisy.append(dict(boxes=px + shift, labels=torch.tensor(labels), scores=torch.rand(2)))
-    exact = layout_scores(perfect, layouts, (64, 64), shapes_categories(), bootstrap=10)
-    assert exact["ap50"] == pytest.approx(1.0) and exact["ap50_se"] == pytest.approx(0.0)
-    mixed = layout_scores(noisy, layouts, (64, 64), shapes_categories(), bootstrap=10)
-    assert 0.0 < mixed["ap50"] < 1.0 and mixed["ap50_se"] > 0.01
-    assert mixed == layout_scores(noisy, layouts, (64, 64), shapes_categories(), bootstrap=10)  # seeded
-    assert "ap50_se" not in layout_scores(noisy, layouts, (64, 64), shapes_categories())
-    pooled = layout_metrics(noisy, layouts, (64, 64), shapes_categories())  # the same figures, matched once
-    assert {key: mixed[key] for key in pooled} == pytest.approx(pooled, abs=1e-12)

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from structmar.metrics import ClipScorer, FIDInception, frechet_distance, inception_features, layout_scores
+from structmar.shapes import CATEGORY_BY_ID
 from structmar.text import write_random_clip
+
+
+def shapes_categories() -> dict[int, str]:
+    return {cid: c.name for cid, c in CATEGORY_BY_ID.items()}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,7 @@ def test_clip_score_from_local_directory(tmp_path):
 
 
 def test_ap_bootstrap_standard_error():
-    from structmar.reward import layout_metrics, shapes_categories
+    from structmar.reward import layout_metrics
 
     rng = np.random.default_rng(0)
     layouts, perfect, noisy = [], [], []

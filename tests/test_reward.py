@@ -15,11 +15,14 @@ from structmar.reward import (
     layout_rewards,
     load_detector,
     match_layout,
-    shapes_categories,
 )
-from structmar.shapes import generate_shapes
+from structmar.shapes import CATEGORY_BY_ID, generate_shapes
 
 SIZE = (100, 200)  # (height, width): non-square so x/y mix-ups show
+
+
+def shapes_categories() -> dict[int, str]:
+    return {cid: c.name for cid, c in CATEGORY_BY_ID.items()}
 
 
 def _det(boxes_px, labels, scores=None):

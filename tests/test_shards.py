@@ -10,13 +10,12 @@ import time
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from structmar.cli import main
 from structmar.coco import CocoLayouts, flip_boxes
 from structmar.config import model_config
 from structmar.shapes import generate_shapes
-from structmar.shard_tar import ShardError, iter_shard
+from structmar.shard_tar import ShardError, iter_shard, write_shard
 from structmar.shards import (
     PAYLOADS,
     ShardLoader,
@@ -219,14 +218,6 @@ def test_sigkill_during_build_then_rerun(env, tmp_path):
     assert verify_shards(out, "train2014") == dict(shards=40, samples=40)
 
 
-def _rewrite(path, samples):
-    with open(path, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False)
-        for s in samples:
-            writer.write(s)
-        writer.close()
-
-
 def test_corrupt_shard_raises_or_is_skipped_and_counted(env, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(env["out"], out)
@@ -267,7 +258,7 @@ def test_bad_samples_name_shard_and_sample(env, tmp_path):
     raws[4]["tags.npy"] = _npy(np.zeros((0, 32), np.float16))
     m5 = json.loads(raws[5]["layout.json"])
     meta(raws[5], boxes=[[b[0], b[1], b[2] + 1.5, b[3]] for b in m5["boxes"]])  # out of range
-    _rewrite(path, raws)
+    write_shard(path, raws)
     schema = _schema(read_manifest(out))
     reasons = []
     for r in raws[:6]:
