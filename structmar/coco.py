@@ -1,11 +1,12 @@
 """COCO instances + captions -> layouts at the training resolution (resize, centre crop, filter, flip).
 
 A layout is up to `max_objects` boxes (largest first) in normalised xyxy coordinates of the square
-training crop, with a category id and a tag string (the category name) per box, plus every
-caption of the image. Crowd boxes, boxes smaller than `min_box_area` (a fraction of the crop's
-area) and boxes mostly cropped away are dropped. Everything is computed from the annotation files
-alone (image sizes come from them too), so the list of usable images is known before any pixel is
-read: that is what lets shard builders agree on shard contents.
+training crop, with a category id and a tag string per box, plus every caption of the image. A box's
+tag is its annotation's optional `"tag"` (free text, as grounding data gives it) or else its category
+name. Crowd boxes, boxes smaller than `min_box_area` (a fraction of the crop's area) and boxes mostly
+cropped away are dropped. Everything is computed from the annotation files alone (image sizes come
+from them too), so the list of usable images is known before any pixel is read: that is what lets
+shard builders agree on shard contents.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class CocoLayouts:
         unknown = [a["category_id"] for a in anns if a["category_id"] not in self.categories]
         if unknown:
             raise ValueError(f"image {info['id']}: unknown category ids {sorted(set(unknown))}")
+        tags = [self._tag(a) for a in anns]  # every box's, kept or not: a bad tag is bad at any crop size
         # Largest first; the stable sort keeps annotation order among equal areas.
         order = [i for i in np.argsort(-area, kind="stable") if keep[i]][:max_objects]
         if not order:
@@ -141,8 +143,17 @@ class CocoLayouts:
             return None
         cats = np.array([anns[i]["category_id"] for i in order], dtype=np.int64)
         return Layout(image_id=int(info["id"]), file_name=info["file_name"], orig_size=(width, height),
-                      boxes=xyxy[order], category_ids=cats, tags=[self.categories[int(c)] for c in cats],
+                      boxes=xyxy[order], category_ids=cats, tags=[tags[i] for i in order],
                       captions=captions)
+
+    def _tag(self, ann: dict) -> str:
+        """The box's tag: the annotation's own `tag` text if it has one, else its category name."""
+        if "tag" not in ann:
+            return self.categories[ann["category_id"]]
+        tag = ann["tag"]
+        if not isinstance(tag, str) or not tag.strip():
+            raise ValueError(f"annotation {ann['id']}: tag must be a non-empty string, got {tag!r}")
+        return tag.strip()
 
     def __len__(self) -> int:
         return len(self.layouts)

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 
@@ -119,3 +120,43 @@ def test_flip_boxes_numpy_and_torch():
 def test_missing_split_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="instances_train2014.json|train2014 not found"):
         CocoLayouts(str(tmp_path), "train2014")
+
+
+def _tagged_tree(root, tags: dict):
+    """Two 32 px images, three boxes each (annotation ids 1-6); `tags` maps an annotation id to its "tag" value."""
+    images = {1: np.zeros((32, 32, 3), np.uint8), 2: np.full((32, 32, 3), 200, np.uint8)}
+    cats = [dict(id=1, name="umbrella"), dict(id=2, name="dog")]
+    boxes = [[0, 0, 20, 20], [16, 16, 12, 12], [2, 20, 8, 8]]  # areas 400, 144, 64: stays largest first
+    anns = [dict(image_id=image_id, category_id=1 + k % 2, bbox=box, iscrowd=0)
+            for image_id in images for k, box in enumerate(boxes)]
+    for ann_id, tag in tags.items():
+        anns[ann_id - 1]["tag"] = tag
+    _write_coco(root, "train", images, anns, [(1, "an umbrella and a dog"), (2, "two umbrellas")], cats)
+
+
+def test_an_annotation_tag_replaces_its_category_name_in_layouts_and_shards(tmp_path):
+    from structmar.shards import build_shards, iter_shard
+    from structmar.text import TextEncoder, write_random_clip
+    from structmar.tokenizer import PixelTokenizer
+
+    _tagged_tree(str(tmp_path / "coco"), {1: "a red umbrella", 3: " a small brown dog ", 6: "dog"})
+    coco = CocoLayouts(str(tmp_path / "coco"), "train", image_size=32, min_box_area=0.0)
+    assert [lay.tags for lay in coco] == [["a red umbrella", "dog", "a small brown dog"], ["umbrella", "dog", "dog"]]
+    assert [lay.category_ids.tolist() for lay in coco] == [[1, 2, 1], [1, 2, 1]]  # the category stays
+    clip = TextEncoder.from_pretrained(write_random_clip(str(tmp_path / "clip"), seed=0, size="tiny"))
+    build_shards(coco, str(tmp_path / "shards"), PixelTokenizer(4), clip, samples_per_shard=8, batch_size=2,
+                 progress=False, build_args=dict(max_objects=16))
+    (shard,) = [f for f in os.listdir(tmp_path / "shards") if f.endswith(".tar")]
+    samples = list(iter_shard(str(tmp_path / "shards" / shard)))
+    assert [json.loads(s["layout.json"])["tags"] for s in samples] == [lay.tags for lay in coco]
+    stored = np.load(io.BytesIO(samples[0]["tags.npy"])).astype(np.float32)
+    np.testing.assert_allclose(stored, clip.encode_tags(coco[0].tags).float().numpy(), atol=1e-2)  # fp16 payload
+    assert not np.allclose(stored[0], clip.encode_tags(["umbrella"]).float().numpy()[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("bad", [7, "", "   ", None, ["a red umbrella"]])
+@pytest.mark.parametrize("ann_id, min_box_area", [(5, 0.0), (3, 0.1)])  # 3: a box too small to keep
+def test_a_tag_that_is_not_a_non_empty_string_names_its_annotation(tmp_path, bad, ann_id, min_box_area):
+    _tagged_tree(str(tmp_path), {ann_id: bad})
+    with pytest.raises(ValueError, match=rf"^annotation {ann_id}: tag must be a non-empty string, got "):
+        CocoLayouts(str(tmp_path), "train", image_size=32, min_box_area=min_box_area)
