@@ -149,7 +149,7 @@ def _add_train(sub) -> None:
     p.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
     p.add_argument("--label_drop_prob", type=float, default=d.label_drop_prob, help="condition dropout for CFG")
     p.add_argument("--vae_path", default=d.vae_path, help="kl16 checkpoint to decode the --sample_every samples")
-    p.set_defaults(func=_stage_runner(TrainConfig, "structmar.train.train"))
+    p.set_defaults(func=_stage_runner(TrainConfig, "structmar.train.run_train"))
 
 
 def _add_sampling_flags(p) -> None:

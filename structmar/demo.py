@@ -145,7 +145,7 @@ def run_demo(demo: DemoConfig) -> str:
     from structmar.shapes import generate_shapes
     from structmar.shards import run_build
     from structmar.text import write_random_clip
-    from structmar.train import train
+    from structmar.train import run_train
 
     if demo.threads:
         torch.set_num_threads(demo.threads)
@@ -179,8 +179,8 @@ def run_demo(demo: DemoConfig) -> str:
         sd = StructMAR(plain).state_dict()
         write_export(init, sd, sd, plain, {"note": "fresh plain MAR"})
     if not _stage_done(runs["stage0_mar"], demo.stage0_steps):
-        _finished("stage0_mar", train(TrainConfig(**_train_args(demo, paths, runs["stage0_mar"], demo.stage0_steps,
-                                                                model=None, resume=init, train_mode="full"))))
+        _finished("stage0_mar", run_train(TrainConfig(**_train_args(demo, paths, runs["stage0_mar"], demo.stage0_steps,
+                                                                    model=None, resume=init, train_mode="full"))))
     mar_file = os.path.join(runs["stage0_mar"], "checkpoint-last.pth")
     write_mar_checkpoint(os.path.join(runs["stage0_mar"], EXPORT), mar_file, epoch=demo.stage0_steps)
     timings["stage0_mar"] = time.time() - t
@@ -194,8 +194,8 @@ def run_demo(demo: DemoConfig) -> str:
                               ("stage2_full", "full", demo.stage2_steps)):
         t = time.time()
         if not _stage_done(runs[name], steps):
-            _finished(name, train(TrainConfig(**_train_args(demo, paths, runs[name], steps, model=demo.preset,
-                                                            resume=previous, train_mode=mode, init_ema=True))))
+            _finished(name, run_train(TrainConfig(**_train_args(demo, paths, runs[name], steps, model=demo.preset,
+                                                                resume=previous, train_mode=mode, init_ema=True))))
         timings[name] = time.time() - t
         previous = os.path.join(runs[name], EXPORT)
         results[name] = _evaluate(demo, paths, previous, name)

@@ -139,13 +139,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def broadcast_object(obj, src: int = 0):
-    box = [obj]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 # ---- DeepSpeed config -----------------------------------------------------------------------
 
 
@@ -240,11 +233,13 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, env: DistEnv, ema_rate: float,
-                 loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]] | None = None):
-        """`loss_fn(module, batch) -> (loss, metrics)` replaces the module's forward as the objective."""
+                 loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], *, forward_only: bool = False):
+        """`loss_fn(model, batch) -> (loss, metrics)` is the objective of every step. `forward_only`: it calls
+        nothing of `model` but `model(batch)`, and gets the DeepSpeed engine, whose forward gathers ZeRO-3
+        partitions and hooks DeepSpeed's backward (any ZeRO stage); otherwise it gets the bare module."""
         import deepspeed
 
-        if loss_fn is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        if not forward_only and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
             # ZeRO-3 gathers a module's own parameters only around its forward(); an objective that calls
             # other methods (rollouts) would read empty partitions
             raise ValueError("an objective other than the model's forward needs ZeRO stage 0-2, not 3")
@@ -260,6 +255,7 @@ class Engine:
             model=model, model_parameters=_weight_decay_groups(model), config=ds_config
         )
         self.module = self.ds.module
+        self.loss_model = self.ds if forward_only else self.module  # what loss_fn is handed
         self.zero_stage = self.ds.zero_optimization_stage()
         self.dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
         self.params = dict(self.module.named_parameters())
@@ -366,7 +362,7 @@ class Engine:
         A non-finite loss on any rank skips this micro-batch on all ranks: no backward, weights unchanged.
         """
         batch = self.to_device(batch)
-        loss, metrics = self.loss_fn(self.module, batch) if self.loss_fn else self.ds(batch)
+        loss, metrics = self.loss_fn(self.loss_model, batch)
         names = sorted(metrics)
         local = torch.stack([loss.detach().float()] + [metrics[k].detach().float().reshape(()) for k in names])
         finite = torch.isfinite(local).all()

@@ -683,7 +683,8 @@ def resolve_weights_path(resume: str) -> str:
 
 
 class GRPOStage:
-    """What the training loop needs from stage 3: which parameters train, the objective, and its state.
+    """Stage 3 as an objective of the training loop (`structmar.train.Objective`): which parameters train,
+    the GRPO loss, and its state.
 
     Built before any process group or rollout, so a missing or wrong detector fails first. `prepare`
     runs once the policy is built: it makes the tokenizer and the frozen CPU reference from the --resume
@@ -693,6 +694,7 @@ class GRPOStage:
     """
 
     name = "grpo"
+    forward_only = False  # rollouts call the policy's methods outside forward: ZeRO stage 0-2
 
     def __init__(self, cfg, categories: dict[int, str] | None = None, reward_fn: RewardFn | None = None):
         from structmar.reward import RewardWeights, load_detector

@@ -143,7 +143,7 @@ _STEP_SCRIPT = textwrap.dedent(
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1,
                                      precision=precision)
-        eng = engine.Engine(model, cfg, env, ema_rate=0.5)
+        eng = engine.Engine(model, cfg, env, ema_rate=0.5, loss_fn=lambda m, b: m(b), forward_only=True)
         batch = {"x": torch.randn(2, 4)}
         eng.module.poison = True
         before = {k: v.detach().clone() for k, v in eng.module.named_parameters()}
@@ -166,11 +166,21 @@ _STEP_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     model = Toy()
     cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1, precision="fp32")
-    eng = engine.Engine(model, cfg, env, ema_rate=0.5, loss_fn=lambda m, b: (3 * m(b)[0], {"three": torch.tensor(3.0)}))
+    handed = {}
+
+    def objective(forward_only):
+        def loss_fn(m, b):
+            handed[forward_only] = type(m).__name__
+            return 3 * m(b)[0], {"three": torch.tensor(3.0)}
+        return loss_fn
+
+    eng = engine.Engine(model, cfg, env, ema_rate=0.5, loss_fn=objective(False))
     with torch.no_grad():
         plain = model(batch)[0].item()
     r = eng.train_step(batch, lr=0.1)
     out["objective"] = dict(ratio=r.loss / plain, metrics=sorted(r.metrics), applied=r.applied)
+    engine.Engine(Toy(), cfg, env, ema_rate=0.5, loss_fn=objective(True), forward_only=True).train_step(batch, 0.1)
+    out["handed"] = [handed[False], handed[True]]
     zero3 = dict(cfg, zero_optimization={"stage": 3})
     try:
         engine.Engine(Toy(), zero3, env, ema_rate=0.5, loss_fn=lambda m, b: m(b))
@@ -193,6 +203,8 @@ def test_engine_step_skip_ema_and_export_in_one_process(tmp_path):
     objective = result.pop("objective")
     assert objective["applied"] and objective["metrics"] == ["three"] and objective["ratio"] == pytest.approx(3.0)
     assert result.pop("zero3_refused")
+    # a forward-only objective gets the DeepSpeed engine (its forward, as under ZeRO-3), any other the bare module
+    assert result.pop("handed") == ["Toy", "DeepSpeedEngine"]
     for precision, r in result.items():
         assert r["skipped"] and not r["applied"] and r["unchanged"], precision  # inf loss: nothing applied
         assert r["ok"] and r["loss_finite"] and r["grad_norm"] > 0 and r["keys"], precision

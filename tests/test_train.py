@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from structmar.cli import build_parser
 from structmar.config import TrainConfig, model_config
 from structmar.engine import CHECKPOINTS, LATEST, TRAINER_STATE
-from structmar.model import StructMAR, is_addition, read_weights
+from structmar.model import StructMAR, is_addition, read_weights, write_export
 from structmar.shards import ShardLoader
-from structmar.train import EXPORT, LOG, Start, lr_at, plan_start, resolve_model_config, write_export
+from structmar.train import EXPORT, LOG, Objective, Start, SupervisedObjective, lr_at, plan_start, resolve_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "train_driver.py"
@@ -56,6 +56,30 @@ def test_every_train_flag_maps_to_config_and_is_read():
                  "--save_last_freq", "--grad_checkpointing", "--device", "--data", "--deepspeed_config",
                  "--ema_rate", "--seed", "--lr_schedule", "--log_dir"):
         assert flag in parser._option_string_actions, flag
+
+
+def test_supervised_objective_is_the_models_loss_over_its_train_modes_parameters():
+    model = StructMAR(MODEL)
+    names = [n for n, _ in model.named_parameters()]
+    full, text_layout = SupervisedObjective("full"), SupervisedObjective("text_layout")
+    for objective in (full, text_layout):
+        assert isinstance(objective, Objective) and objective.forward_only  # may run under ZeRO-3
+        assert objective.state_dict() == {}
+    assert full.name == "full" and all(full.trainable(n) for n in names)
+    added = {n for n in names if text_layout.trainable(n)}
+    assert text_layout.name == "text_layout" and added == {n for n in names if is_addition(n)}
+    assert added and len(added) < len(names)
+    with pytest.raises(ValueError, match="train_mode 'stage2'"):
+        SupervisedObjective("stage2")
+
+
+def test_the_grpo_stage_is_an_objective_for_zero_stages_0_to_2():
+    from structmar.config import RLConfig
+    from structmar.grpo import GRPOStage, colour_reward
+
+    stage = GRPOStage(RLConfig(resume="x"), reward_fn=colour_reward((1.0, 0.0, 0.0)))
+    assert isinstance(stage, Objective) and stage.name == "grpo"
+    assert not stage.forward_only  # its rollouts call the policy outside forward: the engine refuses ZeRO-3
 
 
 def test_missing_shards_error_names_the_build_command(tmp_path, capsys):

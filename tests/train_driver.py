@@ -20,7 +20,7 @@ import sys
 
 from structmar.config import TrainConfig
 from structmar.model import StructMAR, read_weights
-from structmar.train import EXPORT, train
+from structmar.train import EXPORT, SupervisedObjective, train
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         if hooks.get("sigterm_at") == step and engine.env.rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    summary = train(cfg, build_model=InjectingStructMAR, on_step=on_step)
+    summary = train(cfg, SupervisedObjective(cfg.train_mode), build_model=InjectingStructMAR, on_step=on_step)
     if int(os.environ["RANK"]) != 0:
         return
     if hooks.get("summary"):
