@@ -133,14 +133,14 @@ class _NonzeroRows(TorchDispatchMode):
 @dataclass
 class Count:
     """One counted pass: FLOPs (forward+backward as run), the checkpointed blocks' forward FLOPs, and
-    activation bytes: every saved tensor; under checkpointing what stays saved (outside the blocks, and
-    their inputs) and what one block rebuilds in backward (the largest); and of each, the (H, N, N) share."""
+    activation bytes (autograd's saved tensors)."""
 
     flops: int = 0
     checkpointed_forward_flops: int = 0
-    saved_bytes: int = 0
-    kept_bytes: int = 0
-    rebuilt_bytes: int = 0
+    saved_bytes: int = 0  # without checkpointing
+    kept_bytes: int = 0  # with it: saved outside the checkpointed blocks + their inputs
+    rebuilt_bytes: int = 0  # with it: the largest block's own saved tensors
+    # the (H, N, N) tensors among each
     attention_bytes: int = 0
     kept_attention_bytes: int = 0
     rebuilt_attention_bytes: int = 0
@@ -488,7 +488,8 @@ def gpu_ref(c: StageCost, steps: int = 1) -> str:
 
 
 def table(world: int = 8, **kwargs) -> str:
-    rows = ["| preset | stage | params (trainable) | TFLOP / image | memory / GPU (ZeRO) | step | stage |",
+    rows = ["| preset | stage | params (trainable) | TFLOP / image | memory / GPU: total = states + activations "
+            "(of which H x N x N) | step | stage |",
             "|---|---|---|---|---|---|---|"]
     for preset in ("mar_base", "mar_large", "mar_huge"):
         for stage in (1, 2, 3):
@@ -496,8 +497,9 @@ def table(world: int = 8, **kwargs) -> str:
             mem = c.memory(c.recipe.zero)
             fl = " + ".join(f"{v / 1e12:.1f}" for v in c.flops_per_image.values())
             rows.append(f"| {preset} | {stage} | {c.params.total / 1e6:.0f}M ({c.params.trainable / 1e6:.0f}M) | "
-                        f"{fl} | {sum(mem.values()) / GB:.1f} GB (ZeRO-{c.recipe.zero}; activations "
-                        f"{mem['activations'] / GB:.1f}) | {hours(c.step_seconds)}{gpu_ref(c)} | "
+                        f"{fl} | {sum(mem.values()) / GB:.1f} GB (ZeRO-{c.recipe.zero}) = "
+                        f"{(sum(mem.values()) - mem['activations']) / GB:.1f} + {mem['activations'] / GB:.1f} "
+                        f"({c.attention_share * mem['activations'] / GB:.1f}) | {hours(c.step_seconds)}{gpu_ref(c)} | "
                         f"{hours(c.stage_seconds)}{gpu_ref(c, c.steps)} |")
     return "\n".join(rows)
 
@@ -505,16 +507,18 @@ def table(world: int = 8, **kwargs) -> str:
 # ---- the check on this CPU --------------------------------------------------------------------------
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul throughput (best of `repeats`), at torch's current thread count."""
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """This CPU's fp32 matmul throughput at torch's current thread count: GFLOP per wall second (median of
+    `repeats`) and per CPU second of this process (all its threads; what other jobs' load does not change)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = float("inf")
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return 2 * n**3 / sorted(wall)[repeats // 2] / 1e9, 2 * n**3 / sorted(cpu)[repeats // 2] / 1e9
 
 
 def rss_bytes() -> int:
@@ -522,14 +526,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_cpu(preset: str = "mar_base", images: int = 1, steps: int = 3) -> str:
+def check_cpu(preset: str = "mar_base", images: int = 1, steps: int = 2) -> str:
     """Measured fp32 eager training steps (AdamW, stage 2, one process) against the model's prediction."""
     ratio = mean_mask_ratio()
     meta = build(preset, 2, dtype=torch.float32)
     counted = count_training(meta, ratio, images)
     params = param_counts(meta)
     del meta
-    gflops = matmul_gflops()
+    gflops, cpu_gflops = matmul_gflops()
     base = rss_bytes()
     torch.manual_seed(0)
     model = build(preset, 2, device="cpu", dtype=torch.float32)
@@ -537,18 +541,31 @@ def check_cpu(preset: str = "mar_base", images: int = 1, steps: int = 3) -> str:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     batch = example_batch(model.cfg, images, "cpu")
     fixed = torch.tensor([ratio], dtype=torch.float64)
-    times = []
+    times, cpu_times = [], []
     with mock.patch.object(model_module, "sample_mask_ratio", lambda *a, **k: fixed):
         for _ in range(1 + steps):  # the first is warm-up (allocations, AdamW's state)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss, _ = model(batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t)
-    step = sum(times[1:]) / steps
+            cpu_times.append(time.process_time() - c)
+        # one more step under the profiler: how much of a step the counted ops (matmuls) take
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss, _ = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    step, cpu_step = sum(times[1:]) / steps, sum(cpu_times[1:]) / steps
+    events = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in events)
+    matmul_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    predicted_time = counted.flops / (gflops * 1e9)
+    predicted_time, predicted_cpu = counted.flops / (gflops * 1e9), counted.flops / (cpu_gflops * 1e9)
     states = 16 * params.total  # fp32 weights, gradients and AdamW's two moments
     predicted_mem = base + states + counted.saved_bytes
     with open("/proc/cpuinfo") as f:
@@ -556,10 +573,15 @@ def check_cpu(preset: str = "mar_base", images: int = 1, steps: int = 3) -> str:
     return "\n".join([
         f"CPU: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}",
         f"{preset}, batch {images}, fp32 eager, AdamW, mask ratio {ratio:.3f}, {steps} steps after 1 warm-up",
-        f"matmul throughput (2048^3 fp32): {gflops:.1f} GFLOP/s",
-        f"counted: {counted.flops / 1e12:.3f} TFLOP per step -> predicted {predicted_time:.2f} s; "
-        f"measured {step:.2f} s (steps {', '.join(f'{t:.2f}' for t in times)}); "
-        f"measured / predicted {step / predicted_time:.2f}",
+        f"matmul throughput (2048^3 fp32, median of 5): {gflops:.1f} GFLOP per wall second, {cpu_gflops:.1f} per "
+        "CPU second",
+        f"counted: {counted.flops / 1e12:.3f} TFLOP per step -> predicted {predicted_time:.2f} s wall, "
+        f"{predicted_cpu:.2f} CPU s; measured {step:.2f} s wall (steps {', '.join(f'{t:.2f}' for t in times)}), "
+        f"{cpu_step:.2f} CPU s; measured / predicted {step / predicted_time:.2f} wall, {cpu_step / predicted_cpu:.2f} "
+        "CPU time",
+        f"profiled step: matmuls (mm, addmm, bmm) {matmul_us / 1e6:.2f} s of {total_us / 1e6:.2f} s "
+        f"({100 * matmul_us / total_us:.0f}%), i.e. {counted.flops / matmul_us / 1e3:.1f} GFLOP/s inside them; "
+        "largest self times: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} s" for e in top),
         f"memory: RSS before the model {base / GB:.2f} GB + states 16 B x {params.total / 1e6:.1f}M = "
         f"{states / GB:.2f} GB + activations {counted.saved_bytes / GB:.2f} GB (counted, fp32) = predicted peak "
         f"{predicted_mem / GB:.2f} GB; measured peak RSS {peak / GB:.2f} GB; measured / predicted "
