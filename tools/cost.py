@@ -22,7 +22,7 @@ every op is per image) and covers matmuls and attention (what FlopCounterMode co
   head's mean, forward + backward (the head is frozen unless --train_head: input gradients only).
 - the reference: the same transitions' forward, in fp32 on the CPU (`--ref_device cpu`, today's
   default), at --ref_cpu_tflops.
-Not counted: the VAE decode and the reward detector of a rollout (~1 TFLOP per image together, under
+Not counted: the VAE decode and the reward detector of a rollout (estimated ~1 TFLOP per image together, under
 1% of a mar_huge rollout), element-wise ops, the optimizer step, communication.
 
 Memory per GPU = model states + activations. Model states come from DeepSpeed's own estimators for
