@@ -77,10 +77,7 @@ def mask_by_order(num_masked: int, orders: torch.Tensor) -> torch.Tensor:
     return mask.scatter(1, orders[:, :num_masked], True)
 
 
-def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor, max_objects: int, truncate: bool):
-    """Validate real boxes (inside [0, 1], x0 <= x1, y0 <= y1) and fit them into `max_objects` slots.
-
-    Returns an index (B, K') into the box dim, real boxes first (largest first when truncating)."""
+def _validate_boxes(boxes: torch.Tensor, box_mask: torch.Tensor, max_objects: int, truncate: bool) -> None:
     bad = box_mask & (((boxes < 0) | (boxes > 1)).any(-1) | (boxes[..., 2] < boxes[..., 0])
                       | (boxes[..., 3] < boxes[..., 1]))
     if bad.any():
@@ -92,6 +89,15 @@ def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor, max_objects: int, t
         b = int(counts.argmax())
         raise ValueError(f"sample {b} has {int(counts[b])} boxes, more than max_objects={max_objects} "
                          "(set truncate_boxes to keep the largest)")
+
+
+def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor, max_objects: int, truncate: bool):
+    """Validate real boxes (inside [0, 1], x0 <= x1, y0 <= y1) and fit them into `max_objects` slots.
+
+    Returns an index (B, K') into the box dim, real boxes first (largest first when truncating).
+    Meta tensors (a FLOP count, tools/cost.py) hold no values: the checks, host syncs, are skipped for them."""
+    if not boxes.is_meta:
+        _validate_boxes(boxes, box_mask, max_objects, truncate)
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     key = box_mask.float() * (2.0 + area) if truncate else box_mask.float()
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
