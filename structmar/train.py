@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 from collections import defaultdict
@@ -30,7 +29,7 @@ import torch
 
 from structmar import atomic
 from structmar import engine as eng
-from structmar.config import ModelConfig, TrainConfig
+from structmar.config import ModelConfig, StageConfig
 from structmar.model import EXPORT, write_export
 
 LOG = "log.jsonl"  # every logged scalar row, appended (a continued run adds to it)
@@ -38,16 +37,6 @@ SAMPLE_IMAGES, SAMPLE_NUM_ITER = 8, 16  # the TensorBoard grid of EMA samples
 # Fields a weights file's config must share with the model a stage builds.
 SHAPE_FIELDS = ("tokenizer", "image_size", "pixel_patch", "width", "encoder_depth", "decoder_depth", "num_heads",
                 "buffer_size", "diffusion_depth", "diffusion_width")
-
-
-def lr_at(cfg: TrainConfig, base_lr: float, epoch: float) -> float:
-    """MAR's per-iteration schedule at fractional `epoch`: linear warmup, then constant or half-cosine."""
-    if epoch < cfg.warmup_epochs:
-        return base_lr * epoch / cfg.warmup_epochs
-    if cfg.lr_schedule == "constant":
-        return base_lr
-    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-    return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ---- what to start from -----------------------------------------------------------------------
@@ -62,7 +51,7 @@ class Start:
     weights_path: str | None = None
 
 
-def plan_start(cfg: TrainConfig) -> Start:
+def plan_start(cfg: StageConfig) -> Start:
     own = eng.latest_checkpoint(cfg.output_dir)
     resume = cfg.resume
     if resume and os.path.isdir(resume):
@@ -83,9 +72,9 @@ def plan_start(cfg: TrainConfig) -> Start:
     return Start(weights_path=resume)
 
 
-def resolve_model_config(cfg: TrainConfig, start: Start, file_config: ModelConfig | None) -> ModelConfig:
+def resolve_model_config(cfg: StageConfig, start: Start, file_config: ModelConfig | None) -> ModelConfig:
     """The ModelConfig of this stage: the continued run's, else --model (+ --diffloss_d/w), else the file's."""
-    runtime = dict(grad_checkpointing=cfg.grad_checkpointing, label_drop_prob=cfg.label_drop_prob)
+    runtime = cfg.model_overrides()
     if start.saved is not None:
         return dataclasses.replace(ModelConfig.from_dict(start.saved["model_config"]), **runtime).validate()
     if cfg.model is None:
@@ -108,7 +97,7 @@ def resolve_model_config(cfg: TrainConfig, start: Start, file_config: ModelConfi
 class EmaSampler:
     """Rank 0's grid of EMA samples for fixed layouts, boxes and tags drawn on (see `structmar.sample`)."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device):
+    def __init__(self, cfg: StageConfig, model_cfg: ModelConfig, device: torch.device):
         from structmar.model import StructMAR
         from structmar.shards import ShardLoader
         from structmar.tokenizer import build_tokenizer
@@ -182,7 +171,7 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(cfg: TrainConfig, objective=None, build_model: Callable[[ModelConfig], torch.nn.Module] | None = None,
+def train(cfg: StageConfig, objective=None, build_model: Callable[[ModelConfig], torch.nn.Module] | None = None,
           on_step: Callable[[eng.Engine, int, eng.StepResult], None] | None = None) -> Summary:
     """Run one stage. Stages 1-2 minimise the model's own loss (`cfg.train_mode`); another stage passes an
     `objective` with `.name`, `.trainable(param_name) -> bool`, `.prepare(model_cfg, seed)` (once the model
@@ -198,7 +187,7 @@ def train(cfg: TrainConfig, objective=None, build_model: Callable[[ModelConfig],
         stop.restore()
 
 
-def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -> Summary:
+def _train(cfg: StageConfig, objective, build_model, on_step, stop: _StopFlag) -> Summary:
     from structmar.model import StructMAR, is_addition, load_weights, read_weights
     from structmar.shards import ShardLoader, check_manifest, read_manifest
 
@@ -250,13 +239,13 @@ def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -
 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
-    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
+    base_lr = cfg.base_lr(global_batch)
     universal = start.saved is not None and start.saved["world_size"] != env.world_size
     if universal:
         eng.prepare_universal(cfg.output_dir, start.continue_tag, env)
     ds_config = eng.build_ds_config(cfg.deepspeed_config, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                    world_size=env.world_size, lr=base_lr, precision=cfg.precision,
-                                    load_universal=universal)
+                                    world_size=env.world_size, lr=base_lr, optimizer=cfg.optimizer,
+                                    precision=cfg.precision, load_universal=universal)
     engine = eng.Engine(model, ds_config, env, cfg.ema_rate, loss_fn=objective.loss if objective else None)
 
     step, nonfinite_total = 0, 0
@@ -339,7 +328,7 @@ def _train(cfg: TrainConfig, objective, build_model, on_step, stop: _StopFlag) -
             if batch is None:
                 break
             t_data = eng.now()
-            lr = lr_at(cfg, base_lr, epoch + (loader.batches - 1) / len(loader))
+            lr = cfg.lr_at(base_lr, epoch + (loader.batches - 1) / len(loader))
             result = engine.train_step(batch, lr)
             if result.skipped:
                 consecutive_bad += 1
