@@ -391,7 +391,8 @@ _PAPER = "the paper's stage-3 command"
 class GRPOConfig:
     """The knobs of one GRPO step (`structmar.grpo.GRPOObjective`); each is an `rl` flag of its name.
 
-    The rollouts' sampling knobs default to the paper's stage-3 command, not to SamplingConfig's.
+    The rollouts sample with SamplingConfig's defaults except `num_iter` and `cfg_schedule`: the paper's
+    stage-3 command's.
     """
 
     group_size: int = knob(4, "rollouts per layout (advantage group)")
@@ -400,11 +401,11 @@ class GRPOConfig:
     diffusion_step_ratio: float = knob(1.0, "share of each selected AR step's denoising steps recomputed")
     rollout_steps: int | None = knob(None, "diffusion steps per token in rollouts (default: the model's "
                                            "num_sampling_steps)")
-    rollout_cfg: float = knob(1.0, "classifier-free guidance in rollouts")
+    rollout_cfg: float = knob(SamplingConfig.cfg, "classifier-free guidance in rollouts")
     cfg_schedule: str = knob("constant", f"guidance schedule of rollouts (constant: {_PAPER} samples without "
                                          "guidance, where the schedule does not matter; sampling defaults to "
                                          f"{SamplingConfig.cfg_schedule})", CFG_SCHEDULES)
-    temperature: float = knob(1.0, "sampling temperature of rollouts")
+    temperature: float = knob(SamplingConfig.temperature, "sampling temperature of rollouts")
     clip_range: float = knob(0.2, "PPO ratio clip: [1 - c, 1 + c]")
     kl_coef: float = knob(0.02, "weight of the KL to the frozen reference")
     min_sigma: float = knob(0.02, "denoising steps whose rollout sigma is below this are excluded (or floored, see "
