@@ -23,8 +23,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 from bench_attention import synthetic_table  # noqa: E402
 
 from structmar.attention import LayoutBias, flex_attention, sdpa_attention  # noqa: E402
-from structmar.config import model_config  # noqa: E402
-from structmar.grpo import GRPOObjective, GRPOSettings, ReferencePolicy, colour_reward  # noqa: E402
+from structmar.config import GRPOConfig, model_config  # noqa: E402
+from structmar.grpo import GRPOObjective, ReferencePolicy, colour_reward  # noqa: E402
 from structmar.model import StructMAR  # noqa: E402
 from tests.test_grpo import TOK, conditions, make_model  # noqa: E402
 from tests.test_model import make_batch  # noqa: E402
@@ -146,7 +146,7 @@ def test_grpo_policy_on_gpu_reference_on_cpu():
     model = make_model().to(DEVICE)
     reference = ReferencePolicy(model)
     before = copy.deepcopy(reference.model.state_dict())
-    settings = GRPOSettings(group_size=3, num_iter=3, temperature=0.9, min_sigma=0.05, kl_coef=0.02)
+    settings = GRPOConfig(group_size=3, num_iter=3, temperature=0.9, min_sigma=0.05, kl_coef=0.02)
     objective = GRPOObjective(settings, TOK.to(DEVICE), colour_reward((1.0, 0.0, 0.0), 0.5), reference,
                               generator=torch.Generator().manual_seed(0))
     batch = _on_device(conditions(model.cfg))

@@ -76,9 +76,31 @@ def _add_build_shards(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_knobs(p, group, defaults) -> None:
+    """One flag per field of a knob group (declared with `config.knob`): its name, type, allowed values and help,
+    the default from `defaults`."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(group)
+    for f in dataclasses.fields(group):
+        kind = hints[f.name]
+        spec = dict(default=getattr(defaults, f.name), help=f.metadata["help"])
+        if f.metadata["choices"]:
+            spec["choices"] = f.metadata["choices"]
+        if kind is bool:
+            spec["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            spec.update(nargs=len(typing.get_args(kind)), type=typing.get_args(kind)[0])
+        else:  # X or X | None
+            spec["type"] = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        p.add_argument(f"--{f.name}", **spec)
+
+
 def _add_stage_flags(p, d) -> None:
-    """The flags stages 1-3 share: data, model, run directory, and the engine's and checkpoints' knobs."""
-    from structmar.config import PRECISIONS, PRESETS
+    """The flags stages 1-3 share: data, model, run directory, optimizer, and the engine's and checkpoints'
+    knobs."""
+    from structmar.config import PRECISIONS, PRESETS, OptimizerConfig
 
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints, export and logs; rerunning continues it")
     p.add_argument("--data", default=d.data, help="shard directory (default: <coco_root>/shards/<coco_split>)")
@@ -90,12 +112,14 @@ def _add_stage_flags(p, d) -> None:
     p.add_argument("--diffloss_w", type=int, default=d.diffloss_w, help="diffusion head width (default: preset's)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
+    _add_knobs(p, OptimizerConfig, d.optimizer)
     p.add_argument("--ema_rate", type=float, default=d.ema_rate)
     p.add_argument("--init_ema", action="store_true",
                    help="a fresh run starts from the --resume file's EMA weights (model_ema), the weights a stage's "
                         "evaluation scores, instead of its raw ones")
     p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--deepspeed_config", default=d.deepspeed_config, help="ZeRO json (ds_configs/)")
+    p.add_argument("--deepspeed_config", default=d.deepspeed_config,
+                   help="ZeRO json (ds_configs/): ZeRO and communication knobs only")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
     p.add_argument("--seed", type=int, default=d.seed)
@@ -112,15 +136,15 @@ def _add_stage_flags(p, d) -> None:
 
 
 def _stage_runner(config_cls, entry: str):
-    """A handler building `config_cls` from the parsed flags and calling structmar.<entry>."""
+    """A handler building `config_cls` from the parsed flags (each flag is one of its fields) and calling
+    structmar.<entry>."""
 
     def run(args):
-        import dataclasses
         import importlib
 
         module, name = entry.rsplit(".", 1)
-        fields = {f.name for f in dataclasses.fields(config_cls)}
-        cfg = config_cls(**{k: v for k, v in vars(args).items() if k in fields})
+        flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "local_rank")}
+        cfg = config_cls.from_flags(flags)
         try:
             getattr(importlib.import_module(module), name)(cfg)
         except FloatingPointError as e:
@@ -247,7 +271,7 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=run)
 
 def _add_rl(sub) -> None:
-    from structmar.config import CREDITS, DETECTOR_KINDS, REWARD_SCALES, SIGMA_MODES, RLConfig
+    from structmar.config import DETECTOR_KINDS, GRPOConfig, RLConfig
 
     d = RLConfig(resume="-")
     p = sub.add_parser("rl", help="stage 3: GRPO with detector rewards (the training loop of stages 1-2)",
@@ -269,59 +293,17 @@ def _add_rl(sub) -> None:
     p.add_argument("--reward_centroid", type=float, default=d.reward_centroid,
                    help="penalty weight of the mean centroid distance (share of the diagonal)")
     p.add_argument("--reward_missing", type=float, default=d.reward_missing, help="penalty weight of unmatched boxes")
-    p.add_argument("--batch_size", type=int, default=d.batch_size, help="layouts per GPU (rank) and step")
-    p.add_argument("--group_size", type=int, default=d.group_size, help="rollouts per layout (advantage group)")
-    p.add_argument("--num_iter", type=int, default=d.num_iter, help="AR steps per rollout")
-    p.add_argument("--rl_step_ratio", type=float, default=d.rl_step_ratio,
-                   help="share of the AR steps whose transitions are recomputed with gradient")
-    p.add_argument("--diffusion_step_ratio", type=float, default=d.diffusion_step_ratio,
-                   help="share of each selected AR step's denoising steps recomputed")
-    p.add_argument("--rollout_steps", type=int, default=d.rollout_steps,
-                   help="diffusion steps per token in rollouts (default: the model's num_sampling_steps)")
-    p.add_argument("--rollout_cfg", type=float, default=d.rollout_cfg, help="classifier-free guidance in rollouts")
-    p.add_argument("--cfg_schedule", default=d.cfg_schedule, choices=("constant", "linear"))
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of rollouts")
-    p.add_argument("--clip_range", type=float, default=d.clip_range, help="PPO ratio clip: [1 - c, 1 + c]")
-    p.add_argument("--kl_coef", type=float, default=d.kl_coef, help="weight of the KL to the frozen reference")
-    p.add_argument("--min_sigma", type=float, default=d.min_sigma,
-                   help="denoising steps whose rollout sigma is below this are excluded (or floored, see "
-                        "--sigma_mode): the log-prob gradient scales as 1/sigma, so the last cosine steps would "
-                        "dominate it (30-50x the noisiest step's, measured on the tiny preset)")
-    p.add_argument("--sigma_mode", default=d.sigma_mode, choices=SIGMA_MODES,
-                   help="exclude: leave small-sigma steps out; floor: evaluate them with sigma = --min_sigma")
-    p.add_argument("--inner_steps", type=int, default=d.inner_steps, help="optimizer steps per rollout")
+    p.add_argument("--batch_size", type=int, default=d.batch_size,
+                   help=f"layouts per GPU (rank) and step ({d.batch_size}: the paper's stage-3 command)")
+    _add_knobs(p, GRPOConfig, d.grpo)
     p.add_argument("--grad_accum", type=int, default=d.grad_accum,
-                   help="backward passes per optimizer step: each splits off a share of the selected AR steps, "
-                        "so only that share's graph is in memory at once")
-    p.add_argument("--anchor_coef", type=float, default=d.anchor_coef,
-                   help="weight of the supervised loss kept as an anchor (0: off)")
-    p.add_argument("--best_of_group_coef", type=float, default=d.best_of_group_coef,
-                   help="weight of the supervised loss on each group's highest-reward rollout, its generated "
-                        "latents as the target (reward-ranked fine-tuning on the policy's own samples; groups "
-                        "whose rewards are all equal are left out; 0: off)")
-    p.add_argument("--policy_coef", type=float, default=d.policy_coef,
-                   help="weight of the clipped policy objective with its KL term (0: only the supervised terms "
-                        "train, and rollouts keep no trajectories, the reference computes nothing and nothing "
-                        "is recomputed: no ratio or KL is logged, and --min_sigma does not apply)")
+                   help="backward passes per optimizer step: GRPO splits each update's selected AR steps into this "
+                        "many chunks, one per pass, so only one chunk's graph is in memory at once")
     p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
-    p.add_argument("--credit", default=d.credit, choices=CREDITS,
-                   help="image: every token of a rollout gets its image's advantage; box: each box's reward is "
-                        "normalised within its group and given to the tokens its cells cover (the image's "
-                        "advantage where no box covers a token)")
-    p.add_argument("--shared_orders", action=argparse.BooleanOptionalAction, default=d.shared_orders,
-                   help="the rollouts of a group share one generation order, so their rewards differ only "
-                        "through the policy's own draws")
-    p.add_argument("--scale_rewards", default=d.scale_rewards, choices=REWARD_SCALES,
-                   help="advantages are rewards minus their group's mean, divided by: group: the group's std; "
-                        "batch: one std over the batch, so a group whose rewards barely differ keeps small "
-                        "advantages; none: nothing")
     p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
                    help="where the frozen reference computes (it is stored on the CPU either way)")
-    p.add_argument("--math_attention", action=argparse.BooleanOptionalAction, default=d.math_attention,
-                   help="attention that runs through SDPA uses its math kernel in rollouts and recomputation, so "
-                        "an update's first recomputation reproduces the rollout's log-densities exactly (ratio 1); "
-                        "--no-math_attention: SDPA's fused kernels, faster, ratios off 1 by their rounding")
-    p.add_argument("--lr", type=float, default=d.lr, help="absolute learning rate")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"absolute learning rate, constant ({d.lr:g}: the paper's stage-3 command)")
 
     p.set_defaults(func=_stage_runner(RLConfig, "structmar.grpo.run_rl"))
 

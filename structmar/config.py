@@ -8,6 +8,7 @@ rebuild a model. Presets name the published MAR shapes plus small CPU sizes; the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # Tokenizers: name -> (latent channels per token, pixels per token side).
@@ -190,18 +191,52 @@ class SamplingConfig:
         return self
 
 
-# ---- training (stages 1-2) --------------------------------------------------------------------
-TRAIN_MODES = ("text_layout", "full")
-LR_SCHEDULES = ("constant", "cosine")
+# ---- training stages: what stages 1-3 share ----------------------------------------------------------
 PRECISIONS = ("bf16", "fp32")
 
 
+def knob(default, help: str, choices: tuple | None = None):
+    """A field of a knob group with its flag's help (and allowed values): the CLI generates the flag
+    `--<field name>` from it, so a new knob is this one declaration."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
-class TrainConfig:
-    """One supervised stage: what `structmar train` runs. Saved in every checkpoint next to the ModelConfig.
+class OptimizerConfig:
+    """AdamW and gradient clipping, MAR's values; the engine puts them into the DeepSpeed config."""
+
+    adam_betas: tuple[float, float] = knob((0.9, 0.95), "AdamW's beta1 and beta2")
+    adam_eps: float = knob(1e-8, "AdamW's epsilon")
+    weight_decay: float = knob(0.02, "AdamW's weight decay, on weight matrices only (biases and norms get none)")
+    grad_clip: float = knob(3.0, "clip the global gradient norm to this (0: off)")
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)  # a flag gives a list
+
+    def validate(self) -> OptimizerConfig:
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas {self.adam_betas} must be two values in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
+        return self
+
+
+def knob_groups(cls) -> dict[str, type]:
+    """The nested knob groups of a config class: field name -> dataclass (their fields are flat flags)."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
+
+
+@dataclass
+class StageConfig:
+    """What every training stage has: data, model, run directory, batch and optimizer, the engine's and the
+    checkpoints' knobs. `TrainConfig` (stages 1-2) and `RLConfig` (stage 3) add their own; each field is one
+    flag of its command, and the whole config is saved in every checkpoint next to the ModelConfig.
 
     Field names are the paper's flags. Batch size is per GPU (rank); the global batch is
-    batch_size x grad_accum x world size and lr = blr x global batch / 256 unless `lr` is given.
+    batch_size x grad_accum x world size.
     """
 
     output_dir: str = "output"
@@ -213,20 +248,15 @@ class TrainConfig:
     diffloss_w: int | None = None  # diffusion head width; None keeps the preset's
     resume: str | None = None  # MAR weights, a stage export, or a checkpoint directory
     init_ema: bool = False  # a fresh run starts from the --resume file's EMA weights (model_ema), not its raw ones
-    train_mode: str = "full"  # text_layout: only StructMAR's new modules train; full: everything
     batch_size: int = 16  # per rank
     grad_accum: int = 1
     epochs: int = 400
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
-    warmup_epochs: float = 100.0
-    blr: float = 1e-4
-    lr: float | None = None  # absolute lr; None: blr x global batch / 256
-    min_lr: float = 0.0
-    lr_schedule: str = "constant"
+    lr: float | None = None  # absolute lr
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     ema_rate: float = 0.9999
-    label_drop_prob: float = 0.1
     grad_checkpointing: bool = False
-    deepspeed_config: str = "ds_configs/zero2.json"
+    deepspeed_config: str = "ds_configs/zero2.json"  # ZeRO and communication knobs only
     precision: str = "bf16"  # bf16 (fp32 master weights and gradient accumulation) or fp32
     device: str = "cuda"
     seed: int = 1
@@ -240,11 +270,29 @@ class TrainConfig:
     vae_path: str = "pretrained_models/vae/kl16.ckpt"  # kl16 decoder for those samples
     max_nonfinite: int = 10  # consecutive non-finite losses that abort the run
 
-    def validate(self) -> TrainConfig:
-        if self.train_mode not in TRAIN_MODES:
-            raise ValueError(f"train_mode {self.train_mode!r} is not one of {TRAIN_MODES}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    @classmethod
+    def flag_names(cls) -> set[str]:
+        """The command's flags: the config's fields, those of its knob groups in their place."""
+        groups = knob_groups(cls)
+        names = {f.name for f in dataclasses.fields(cls)} - set(groups)
+        for group in groups.values():
+            names |= {f.name for f in dataclasses.fields(group)}
+        return names
+
+    @classmethod
+    def from_flags(cls, flags: dict):
+        """The config of flat flag values (a command's, or a tool's name=value pairs): a knob group's fields
+        go to the group."""
+        unknown = sorted(set(flags) - cls.flag_names())
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+        groups = knob_groups(cls)
+        values = {k: v for k, v in flags.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        for name, group in groups.items():
+            values[name] = group(**{f.name: flags[f.name] for f in dataclasses.fields(group) if f.name in flags})
+        return cls(**values)
+
+    def validate(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.device not in ("cuda", "cpu"):
@@ -255,11 +303,22 @@ class TrainConfig:
                      "save_last_freq"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie in [0, epochs={self.epochs}]")
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"ema_rate {self.ema_rate} must lie in [0, 1)")
+        self.optimizer.validate()
         return self
+
+    def base_lr(self, global_batch: int) -> float:
+        """The learning rate after warmup, for `global_batch` images per optimizer step."""
+        return self.lr
+
+    def lr_at(self, base_lr: float, epoch: float) -> float:
+        """The learning rate at fractional `epoch`: constant unless a stage has a schedule."""
+        return base_lr
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig fields this stage sets on the model it builds or continues."""
+        return dict(grad_checkpointing=self.grad_checkpointing)
 
     @property
     def shard_dir(self) -> str:
@@ -270,16 +329,54 @@ class TrainConfig:
         """The ModelConfig this stage builds when no checkpoint brings one."""
         if self.model is None:
             raise ValueError("--model is required when no checkpoint brings a model config")
-        return model_config(
-            self.model,
-            diffusion_depth=self.diffloss_d,
-            diffusion_width=self.diffloss_w,
-            grad_checkpointing=self.grad_checkpointing,
-            label_drop_prob=self.label_drop_prob,
-        )
+        return model_config(self.model, diffusion_depth=self.diffloss_d, diffusion_width=self.diffloss_w,
+                            **self.model_overrides())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ---- training (stages 1-2) --------------------------------------------------------------------
+TRAIN_MODES = ("text_layout", "full")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """One supervised stage: what `structmar train` runs. lr = blr x global batch / 256 unless `lr` is given,
+    on MAR's schedule: linear warmup, then constant or half-cosine."""
+
+    train_mode: str = "full"  # text_layout: only StructMAR's new modules train; full: everything
+    warmup_epochs: float = 100.0
+    blr: float = 1e-4
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    label_drop_prob: float = 0.1
+
+    def validate(self) -> TrainConfig:
+        super().validate()
+        if self.train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode {self.train_mode!r} is not one of {TRAIN_MODES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie in [0, epochs={self.epochs}]")
+        return self
+
+    def base_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.blr * global_batch / 256
+
+    def lr_at(self, base_lr: float, epoch: float) -> float:
+        """MAR's per-iteration schedule at fractional `epoch`: linear warmup, then constant or half-cosine."""
+        if epoch < self.warmup_epochs:
+            return base_lr * epoch / self.warmup_epochs
+        if self.lr_schedule == "constant":
+            return base_lr
+        progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-8)
+        return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def model_overrides(self) -> dict:
+        return dict(super().model_overrides(), label_drop_prob=self.label_drop_prob)
 
 
 # ---- stage 3: GRPO with detector rewards ----------------------------------------------------------
@@ -287,72 +384,72 @@ DETECTOR_KINDS = ("torchvision_frcnn", "hf", "shapes")
 SIGMA_MODES = ("exclude", "floor")
 CREDITS = ("image", "box")  # how GRPO assigns advantages to tokens
 REWARD_SCALES = ("group", "batch", "none")  # how GRPO scales rewards centred on their group's mean
+_PAPER = "the paper's stage-3 command"
 
 
 @dataclass
-class RLConfig(TrainConfig):
-    """Stage 3 (GRPO): what `structmar rl` runs; the loop, engine and checkpoints are stage 1-2's.
+class GRPOConfig:
+    """The knobs of one GRPO step (`structmar.grpo.GRPOObjective`); each is an `rl` flag of its name.
 
-    Defaults are the paper's stage-3 command (group 4, batch 4, 256 AR iterations, kl 0.02, lr 1e-6,
-    10 epochs). The policy starts from --resume; a frozen copy of those weights, kept on the CPU, is the
-    KL reference. The diffusion head is frozen unless `train_head`.
+    The rollouts sample with SamplingConfig's defaults except `num_iter` and `cfg_schedule`: the paper's
+    stage-3 command's.
     """
 
-    epochs: int = 10
-    batch_size: int = 4  # layouts per rank; each yields group_size rollouts
-    warmup_epochs: float = 0.0
-    lr: float | None = 1e-6
-    ema_rate: float = 0.999
-    detector: str = "torchvision_frcnn"
-    detector_path: str | None = None
-    detector_threshold: float = 0.05  # detections below this score are ignored by the reward
-    reward_iou: float = 1.0
-    reward_confidence: float = 0.25
-    reward_centroid: float = 0.5
-    reward_missing: float = 0.5
-    group_size: int = 4
-    num_iter: int = 256  # AR steps per rollout
-    rl_step_ratio: float = 1.0  # share of the AR steps whose transitions an update recomputes
-    diffusion_step_ratio: float = 1.0  # share of each selected step's denoising steps recomputed
-    rollout_steps: int | None = None  # diffusion steps per token in rollouts; None: the model's num_sampling_steps
-    rollout_cfg: float = 1.0
-    cfg_schedule: str = "constant"
-    temperature: float = 1.0
-    clip_range: float = 0.2
-    kl_coef: float = 0.02
-    min_sigma: float = 0.02
-    sigma_mode: str = "exclude"
-    inner_steps: int = 1  # optimizer steps per rollout
-    anchor_coef: float = 0.0  # weight of the supervised loss kept as an anchor
-    best_of_group_coef: float = 0.0  # weight of the supervised loss on each group's highest-reward rollout
-    policy_coef: float = 1.0  # weight of the clipped policy objective with its KL term
-    credit: str = "image"  # image: a token's advantage is its image's; box: that of the boxes covering it
-    shared_orders: bool = False  # the rollouts of a group share one generation order
-    scale_rewards: str = "group"  # centred rewards / group std, / one std over the batch, or unscaled
-    train_head: bool = False
-    ref_device: str = "cpu"
-    # attention through SDPA uses its math kernel in rollouts and recomputation, so an update's first
-    # recomputation reproduces the rollout's log-densities exactly (ratio 1); off: SDPA's fused kernels
-    # (faster; on CPU they differ by ~1e-6 between no-grad and with-grad, which an untrained head amplifies)
-    math_attention: bool = True
+    group_size: int = knob(4, "rollouts per layout (advantage group)")
+    num_iter: int = knob(256, f"AR steps per rollout ({_PAPER}; sampling defaults to {SamplingConfig.num_iter})")
+    rl_step_ratio: float = knob(1.0, "share of the AR steps whose transitions are recomputed with gradient")
+    diffusion_step_ratio: float = knob(1.0, "share of each selected AR step's denoising steps recomputed")
+    rollout_steps: int | None = knob(None, "diffusion steps per token in rollouts (default: the model's "
+                                           "num_sampling_steps)")
+    rollout_cfg: float = knob(SamplingConfig.cfg, "classifier-free guidance in rollouts")
+    cfg_schedule: str = knob("constant", f"guidance schedule of rollouts (constant: {_PAPER} samples without "
+                                         "guidance, where the schedule does not matter; sampling defaults to "
+                                         f"{SamplingConfig.cfg_schedule})", CFG_SCHEDULES)
+    temperature: float = knob(SamplingConfig.temperature, "sampling temperature of rollouts")
+    clip_range: float = knob(0.2, "PPO ratio clip: [1 - c, 1 + c]")
+    kl_coef: float = knob(0.02, "weight of the KL to the frozen reference")
+    min_sigma: float = knob(0.02, "denoising steps whose rollout sigma is below this are excluded (or floored, see "
+                                  "--sigma_mode): the log-prob gradient scales as 1/sigma, so the last cosine steps "
+                                  "would dominate it (30-50x the noisiest step's, measured on the tiny preset)")
+    sigma_mode: str = knob("exclude", "exclude: leave small-sigma steps out; floor: evaluate them with sigma = "
+                                      "--min_sigma", SIGMA_MODES)
+    inner_steps: int = knob(1, "optimizer steps per rollout (the same selection and reference means)")
+    anchor_coef: float = knob(0.0, "weight of the supervised loss kept as an anchor (0: off)")
+    best_of_group_coef: float = knob(0.0, "weight of the supervised loss on each group's highest-reward rollout, its "
+                                          "generated latents as the target (reward-ranked fine-tuning on the "
+                                          "policy's own samples; groups whose rewards are all equal are left out; "
+                                          "0: off)")
+    policy_coef: float = knob(1.0, "weight of the clipped policy objective with its KL term (0: only the supervised "
+                                   "terms train, and rollouts keep no trajectories, the reference computes nothing "
+                                   "and nothing is recomputed: no ratio or KL is logged, and --min_sigma does not "
+                                   "apply)")
+    credit: str = knob("image", "image: every token of a rollout gets its image's advantage; box: each box's reward "
+                                "is normalised within its group and given to the tokens its cells cover (the "
+                                "image's advantage where no box covers a token)", CREDITS)
+    shared_orders: bool = knob(False, "the rollouts of a group share one generation order, so their rewards differ "
+                                      "only through the policy's own draws")
+    scale_rewards: str = knob("group", "advantages are rewards minus their group's mean, divided by: group: the "
+                                       "group's std; batch: one std over the batch, so a group whose rewards barely "
+                                       "differ keeps small advantages; none: nothing", REWARD_SCALES)
+    math_attention: bool = knob(True, "attention that runs through SDPA uses its math kernel in rollouts and "
+                                      "recomputation, so an update's first recomputation reproduces the rollout's "
+                                      "log-densities exactly (ratio 1); --no-math_attention: SDPA's fused kernels, "
+                                      "faster, ratios off 1 by their rounding (on CPU by ~1e-6, which an untrained "
+                                      "head amplifies)")
 
-    def validate(self) -> RLConfig:
-        super().validate()
-        if self.detector not in DETECTOR_KINDS:
-            raise ValueError(f"detector {self.detector!r} is not one of {DETECTOR_KINDS}")
+    def rollout_sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.num_iter, self.rollout_cfg, self.cfg_schedule, self.temperature)
+
+    def validate(self) -> GRPOConfig:
+        self.rollout_sampling().validate()
         if self.credit not in CREDITS:
             raise ValueError(f"credit {self.credit!r} is not one of {CREDITS}")
         if self.scale_rewards not in REWARD_SCALES:
             raise ValueError(f"scale_rewards {self.scale_rewards!r} is not one of {REWARD_SCALES}")
         if self.sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} is not one of {SIGMA_MODES}")
-        if self.ref_device not in ("cpu", "cuda") or (self.ref_device == "cuda" and self.device != "cuda"):
-            raise ValueError(f"ref_device {self.ref_device!r} must be 'cpu', or 'cuda' with --device cuda")
-        if self.cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule {self.cfg_schedule!r} is not 'constant' or 'linear'")
-        for name in ("group_size", "num_iter", "inner_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
         for name in ("rl_step_ratio", "diffusion_step_ratio"):
@@ -365,8 +462,42 @@ class RLConfig(TrainConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.policy_coef == 0 and self.anchor_coef == 0 and self.best_of_group_coef == 0:
             raise ValueError("policy_coef, anchor_coef and best_of_group_coef are all 0: nothing would train")
-        if self.clip_range <= 0 or self.kl_coef < 0 or self.min_sigma < 0 or self.temperature <= 0:
-            raise ValueError("clip_range and temperature must be > 0; kl_coef and min_sigma >= 0")
+        if self.clip_range <= 0 or self.kl_coef < 0 or self.min_sigma < 0:
+            raise ValueError("clip_range must be > 0; kl_coef and min_sigma >= 0")
+        return self
+
+
+@dataclass
+class RLConfig(StageConfig):
+    """Stage 3 (GRPO): what `structmar rl` runs; the loop, engine and checkpoints are stage 1-2's.
+
+    Defaults are the paper's stage-3 command (group 4, batch 4, 256 AR iterations, kl 0.02, lr 1e-6,
+    10 epochs): a constant lr, no warmup. The policy starts from --resume; a frozen copy of those weights,
+    kept on the CPU, is the KL reference. The diffusion head is frozen unless `train_head`.
+    """
+
+    epochs: int = 10
+    batch_size: int = 4  # layouts per rank; each yields group_size rollouts
+    lr: float = 1e-6
+    ema_rate: float = 0.999
+    detector: str = "torchvision_frcnn"
+    detector_path: str | None = None
+    detector_threshold: float = 0.05  # detections below this score are ignored by the reward
+    reward_iou: float = 1.0
+    reward_confidence: float = 0.25
+    reward_centroid: float = 0.5
+    reward_missing: float = 0.5
+    train_head: bool = False
+    ref_device: str = "cpu"
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+
+    def validate(self) -> RLConfig:
+        super().validate()
+        if self.detector not in DETECTOR_KINDS:
+            raise ValueError(f"detector {self.detector!r} is not one of {DETECTOR_KINDS}")
+        if self.ref_device not in ("cpu", "cuda") or (self.ref_device == "cuda" and self.device != "cuda"):
+            raise ValueError(f"ref_device {self.ref_device!r} must be 'cpu', or 'cuda' with --device cuda")
+        self.grpo.validate()
         if self.lr is None or self.lr <= 0:
             raise ValueError(f"lr must be > 0 for GRPO, got {self.lr}")
         if not self.resume:

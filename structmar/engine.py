@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from structmar import atomic
+from structmar.config import OptimizerConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -36,6 +37,7 @@ TRAINER_STATE = "trainer_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 # Keys the engine fills from the CLI; a ZeRO json must not set them.
 _CLI_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_OPTIMIZER_KEYS = ("optimizer", "gradient_clipping")  # the stage config's (OptimizerConfig)
 
 
 # ---- process group --------------------------------------------------------------------------
@@ -165,10 +167,12 @@ def build_ds_config(
     grad_accum: int,
     world_size: int,
     lr: float,
+    optimizer: OptimizerConfig,
     precision: str,
     load_universal: bool = False,
 ) -> dict:
-    """The ZeRO json at `path` completed with the batch sizes, lr and precision the CLI decided."""
+    """The ZeRO json at `path` completed with the batch sizes, the optimizer (AdamW: lr, betas, eps, weight
+    decay; gradient clipping) and precision the CLI decided."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
     with open(path) as f:
@@ -179,13 +183,19 @@ def build_ds_config(
     for key in _CLI_KEYS:
         if key in cfg:
             raise ValueError(f"{path} sets {key}; batch sizes come from --batch_size and --grad_accum")
+    for key in _OPTIMIZER_KEYS:
+        if key in cfg:
+            raise ValueError(f"{path} sets {key}; the optimizer comes from --lr, --adam_betas, --adam_eps, "
+                             "--weight_decay and --grad_clip")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if "offload_param" in cfg.get("zero_optimization", {}) and stage != 3:
         raise ValueError(f"{path}: offload_param needs ZeRO stage 3, the config has stage {stage}")
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch * grad_accum * world_size
-    cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = lr
+    cfg["optimizer"] = {"type": "AdamW", "params": {"betas": list(optimizer.adam_betas), "eps": optimizer.adam_eps,
+                                                    "weight_decay": optimizer.weight_decay, "lr": lr}}
+    cfg["gradient_clipping"] = optimizer.grad_clip
     if precision == "bf16":
         cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
         # bf16 gradient accumulation loses small contributions; accumulate in fp32

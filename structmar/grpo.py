@@ -17,6 +17,9 @@ One GRPO step on a batch of layouts and captions:
      enters PPO's clipped objective with its image's advantage; a closed-form KL to a frozen reference
      (equal sigma: |mu_theta - mu_ref|^2 / 2 sigma^2) is added with weight `kl_coef`.
 
+The step's knobs (`group_size`, `rl_step_ratio`, `kl_coef`, ...) are `structmar.config.GRPOConfig`'s, each
+an `rl` flag of its name.
+
 Supervised terms beside the policy objective: `anchor_coef` keeps the model loss on the batch's own latents
 (the dataset's images), and `best_of_group_coef` adds the model loss on each group's highest-reward
 rollout (reward-ranked fine-tuning on the policy's own samples: a low-variance use of the same rewards);
@@ -49,13 +52,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from structmar.config import CREDITS, REWARD_SCALES, RLConfig
+from structmar.config import CREDITS, REWARD_SCALES, SIGMA_MODES, GRPOConfig
 from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
 from structmar.model import StructMAR, patchify, sample_orders, unpatchify
 from structmar.sample import ARStep, sample_latents
 
 RewardFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-SIGMA_MODES = ("exclude", "floor")
 # a reward function may also return, under this key of its components, each box slot's own reward (N, K)
 # (aligned with the batch's box_mask; 0 at padding): what `credit="box"` assigns to the tokens of each box
 BOX_REWARDS = "per_box"
@@ -506,45 +508,20 @@ def clipped_loss(ro: Rollout, means: list[torch.Tensor], clip_range: float, kl_c
                      (ratio_all - 1).abs().max(), torch.cat(clipped).mean(), int(ratio_all.numel()))
 
 
-@dataclass
-class GRPOSettings:
-    """The knobs of one GRPO step (the RL config's, without the run's I/O; the same defaults)."""
-
-    group_size: int = RLConfig.group_size
-    num_iter: int = RLConfig.num_iter
-    rl_step_ratio: float = RLConfig.rl_step_ratio
-    diffusion_step_ratio: float = RLConfig.diffusion_step_ratio
-    clip_range: float = RLConfig.clip_range
-    kl_coef: float = RLConfig.kl_coef
-    rollout_cfg: float = RLConfig.rollout_cfg
-    cfg_schedule: str = RLConfig.cfg_schedule
-    temperature: float = RLConfig.temperature
-    rollout_steps: int | None = RLConfig.rollout_steps
-    min_sigma: float = RLConfig.min_sigma
-    sigma_mode: str = RLConfig.sigma_mode
-    inner_steps: int = RLConfig.inner_steps  # updates per rollout (the same selection and reference means)
-    # backward passes per update: the selected AR steps are split into this many chunks, one per call, so
-    # only one chunk's graph is alive at a time (the loop's gradient accumulation sums them)
-    ar_chunks: int = 1
-    math_attention: bool = RLConfig.math_attention  # SDPA's math kernel in rollout and recomputation (ratio 1)
-    anchor_coef: float = RLConfig.anchor_coef  # weight of the supervised model loss kept as an anchor (0: off)
-    best_of_group_coef: float = RLConfig.best_of_group_coef  # the model loss on each group's best rollout
-    policy_coef: float = RLConfig.policy_coef  # weight of the clipped objective and its KL term
-    credit: str = RLConfig.credit  # image: every token gets its image's advantage; box: its boxes' (see rollout)
-    shared_orders: bool = RLConfig.shared_orders  # one generation order per group (see rollout)
-    scale_rewards: str = RLConfig.scale_rewards  # how centred rewards are scaled (normalise_in_groups)
-
-
 class GRPOObjective:
     """rollout -> reward -> advantages -> clipped loss, as an objective of the training loop.
 
     `loss(model, batch)` returns (loss, metrics) like `StructMAR.forward`. With `inner_steps` > 1, a
-    rollout serves that many consecutive calls (the batch of the later calls is ignored).
+    rollout serves that many consecutive updates (the batch of the later calls is ignored). `ar_chunks` is
+    the loop's gradient accumulation (`--grad_accum`), the backward passes per update: each takes every
+    `ar_chunks`-th selected AR step, so only that chunk's graph is alive at a time, and the passes' gradients
+    sum to the update's.
     """
 
-    def __init__(self, settings: GRPOSettings, tokenizer, reward_fn: RewardFn, reference: ReferencePolicy,
-                 generator: torch.Generator | None = None):
+    def __init__(self, settings: GRPOConfig, tokenizer, reward_fn: RewardFn, reference: ReferencePolicy,
+                 generator: torch.Generator | None = None, ar_chunks: int = 1):
         self.s = settings
+        self.ar_chunks = ar_chunks
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
         self.reference = reference
@@ -556,7 +533,7 @@ class GRPOObjective:
     def state_dict(self) -> dict:
         """What a continued run needs to go on exactly: the rollout still in use (`inner_steps` > 1 and a
         checkpoint inside it; None otherwise) with its use count, and the count of dropped rows."""
-        in_use = self.current is not None and self.uses < self.s.inner_steps * self.s.ar_chunks
+        in_use = self.current is not None and self.uses < self.s.inner_steps * self.ar_chunks
         return {"rollout": rollout_state(self.current) if in_use else None, "uses": self.uses if in_use else 0,
                 "dropped_rows": self.dropped_rows}
 
@@ -601,9 +578,9 @@ class GRPOObjective:
 
     def loss(self, model: StructMAR, batch: dict) -> tuple[torch.Tensor, dict]:
         s = self.s
-        if self.current is None or self.uses >= s.inner_steps * s.ar_chunks:
+        if self.current is None or self.uses >= s.inner_steps * self.ar_chunks:
             self.current, self.uses = self.new_rollout(model, batch), 0
-        ro = self.current if self.policy_free else chunk_of(self.current, self.uses % s.ar_chunks, s.ar_chunks)
+        ro = self.current if self.policy_free else chunk_of(self.current, self.uses % self.ar_chunks, self.ar_chunks)
         first_use = self.uses == 0
         self.uses += 1
         model.eval()
@@ -711,17 +688,6 @@ class GRPOStage:
         self.model_cfg = None
         self.reference_source: dict | None = None  # {"path", "sha256"} of the reference weights
 
-    def settings(self) -> GRPOSettings:
-        c = self.cfg
-        return GRPOSettings(group_size=c.group_size, num_iter=c.num_iter, rl_step_ratio=c.rl_step_ratio,
-                            diffusion_step_ratio=c.diffusion_step_ratio, clip_range=c.clip_range, kl_coef=c.kl_coef,
-                            rollout_cfg=c.rollout_cfg, cfg_schedule=c.cfg_schedule, temperature=c.temperature,
-                            rollout_steps=c.rollout_steps, min_sigma=c.min_sigma, sigma_mode=c.sigma_mode,
-                            inner_steps=c.inner_steps, anchor_coef=c.anchor_coef, ar_chunks=c.grad_accum,
-                            math_attention=c.math_attention, credit=c.credit, shared_orders=c.shared_orders,
-                            scale_rewards=c.scale_rewards, best_of_group_coef=c.best_of_group_coef,
-                            policy_coef=c.policy_coef)
-
     def trainable(self, name: str) -> bool:
         return self.cfg.train_head or not name.startswith("diffloss.")
 
@@ -736,7 +702,7 @@ class GRPOStage:
                                                     device=c.ref_device)
         self.model_cfg = model_cfg
         self.reference_source = {"path": path, "sha256": reference.digest()}
-        self.objective = GRPOObjective(self.settings(), tokenizer.eval(), self.reward_fn, reference,
+        self.objective = GRPOObjective(c.grpo, tokenizer.eval(), self.reward_fn, reference, ar_chunks=c.grad_accum,
                                        generator=None)  # rollouts draw from the loop's seeded torch RNG (seed)
 
     def state_dict(self) -> dict:

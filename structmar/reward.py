@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from structmar.config import DETECTOR_KINDS
 from structmar.shapes import ShapesDetector
-
-DETECTORS = ("torchvision_frcnn", "hf", "shapes")
 
 Detections = dict[str, torch.Tensor]
 
@@ -128,8 +127,8 @@ def load_detector(kind: str, path: str | None = None, categories: dict[int, str]
     """The detector named `kind`; `categories` maps the dataset's category ids to names."""
     if kind == "shapes":
         return ShapesDetector()
-    if kind not in DETECTORS:
-        raise ValueError(f"unknown detector {kind!r}; known: {', '.join(DETECTORS)}")
+    if kind not in DETECTOR_KINDS:
+        raise ValueError(f"unknown detector {kind!r}; known: {', '.join(DETECTOR_KINDS)}")
     if not path:
         raise ValueError(f"--detector {kind} needs --detector_path")
     if not categories:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 from collections import defaultdict
@@ -32,7 +31,7 @@ import torch
 
 from structmar import atomic
 from structmar import engine as eng
-from structmar.config import TRAIN_MODES, ModelConfig, TrainConfig
+from structmar.config import TRAIN_MODES, ModelConfig, StageConfig, TrainConfig
 from structmar.model import EXPORT, StructMAR, Weights, is_addition, load_weights, read_weights, write_export
 
 if TYPE_CHECKING:
@@ -43,16 +42,6 @@ SAMPLE_IMAGES, SAMPLE_NUM_ITER = 8, 16  # the TensorBoard grid of EMA samples
 # Fields a weights file's config must share with the model a stage builds.
 SHAPE_FIELDS = ("tokenizer", "image_size", "pixel_patch", "width", "encoder_depth", "decoder_depth", "num_heads",
                 "buffer_size", "diffusion_depth", "diffusion_width")
-
-
-def lr_at(cfg: TrainConfig, base_lr: float, epoch: float) -> float:
-    """MAR's per-iteration schedule at fractional `epoch`: linear warmup, then constant or half-cosine."""
-    if epoch < cfg.warmup_epochs:
-        return base_lr * epoch / cfg.warmup_epochs
-    if cfg.lr_schedule == "constant":
-        return base_lr
-    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-    return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ---- what to start from -----------------------------------------------------------------------
@@ -67,7 +56,7 @@ class Start:
     weights_path: str | None = None
 
 
-def plan_start(cfg: TrainConfig) -> Start:
+def plan_start(cfg: StageConfig) -> Start:
     own = eng.latest_checkpoint(cfg.output_dir)
     resume = cfg.resume
     if resume and os.path.isdir(resume):
@@ -88,9 +77,9 @@ def plan_start(cfg: TrainConfig) -> Start:
     return Start(weights_path=resume)
 
 
-def resolve_model_config(cfg: TrainConfig, start: Start, file_config: ModelConfig | None) -> ModelConfig:
+def resolve_model_config(cfg: StageConfig, start: Start, file_config: ModelConfig | None) -> ModelConfig:
     """The ModelConfig of this stage: the continued run's, else --model (+ --diffloss_d/w), else the file's."""
-    runtime = dict(grad_checkpointing=cfg.grad_checkpointing, label_drop_prob=cfg.label_drop_prob)
+    runtime = cfg.model_overrides()
     if start.saved is not None:
         return dataclasses.replace(ModelConfig.from_dict(start.saved["model_config"]), **runtime).validate()
     if cfg.model is None:
@@ -113,7 +102,7 @@ def resolve_model_config(cfg: TrainConfig, start: Start, file_config: ModelConfi
 class EmaSampler:
     """Rank 0's grid of EMA samples for fixed layouts, boxes and tags drawn on (see `structmar.sample`)."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device):
+    def __init__(self, cfg: StageConfig, model_cfg: ModelConfig, device: torch.device):
         from structmar.shards import ShardLoader
         from structmar.tokenizer import build_tokenizer
 
@@ -204,7 +193,7 @@ class SupervisedObjective:
 # ---- the run's setup ----------------------------------------------------------------------------
 
 
-def _check_start(cfg: TrainConfig, objective: Objective) -> tuple[Start, Weights | None, ModelConfig]:
+def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights | None, ModelConfig]:
     """What to start from and the model it gives; fails before any process group exists when the run
     directory holds another stage, or the shards or the VAE are missing or do not fit the model."""
     from structmar.shards import check_manifest, read_manifest
@@ -225,7 +214,7 @@ def _check_start(cfg: TrainConfig, objective: Objective) -> tuple[Start, Weights
     return start, weights, model_cfg
 
 
-def _open_loader(cfg: TrainConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> ShardLoader:
+def _open_loader(cfg: StageConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> ShardLoader:
     from structmar.shards import ShardLoader
 
     loader = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, cfg.batch_size, rank=env.rank,
@@ -235,7 +224,7 @@ def _open_loader(cfg: TrainConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> 
     return loader
 
 
-def _build_and_freeze(cfg: TrainConfig, objective: Objective, build_model: Callable[[ModelConfig], torch.nn.Module],
+def _build_and_freeze(cfg: StageConfig, objective: Objective, build_model: Callable[[ModelConfig], torch.nn.Module],
                       model_cfg: ModelConfig, start: Start,
                       weights: Weights | None) -> tuple[torch.nn.Module, list[str]]:
     """The model (identical on every rank) with the --resume weights, frozen where the objective says, and the
@@ -261,19 +250,19 @@ def _build_and_freeze(cfg: TrainConfig, objective: Objective, build_model: Calla
     return model, notes
 
 
-def _make_engine(cfg: TrainConfig, model: torch.nn.Module, objective: Objective, start: Start, env: eng.DistEnv,
+def _make_engine(cfg: StageConfig, model: torch.nn.Module, objective: Objective, start: Start, env: eng.DistEnv,
                  batches_per_epoch: int) -> tuple[eng.Engine, float, str]:
     """The DeepSpeed engine at the base learning rate (--lr, else --blr scaled by the global batch), that rate,
     and the line describing the run."""
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
-    base_lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
+    base_lr = cfg.base_lr(global_batch)
     universal = start.saved is not None and start.saved["world_size"] != env.world_size
     if universal:
         eng.prepare_universal(cfg.output_dir, start.continue_tag, env)
     ds_config = eng.build_ds_config(cfg.deepspeed_config, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                    world_size=env.world_size, lr=base_lr, precision=cfg.precision,
-                                    load_universal=universal)
+                                    world_size=env.world_size, lr=base_lr, optimizer=cfg.optimizer,
+                                    precision=cfg.precision, load_universal=universal)
     engine = eng.Engine(model, ds_config, env, cfg.ema_rate, objective.loss, forward_only=objective.forward_only)
     plan = (f"{objective.name}: {n_train / 1e6:.2f}M trainable parameters, {env.world_size} ranks x batch "
             f"{cfg.batch_size} x accum {cfg.grad_accum} = {global_batch}, lr {base_lr:.3g}, "
@@ -285,7 +274,7 @@ def _make_engine(cfg: TrainConfig, model: torch.nn.Module, objective: Objective,
 class Run:
     """A stage in progress: what it trains with, and where it stands (what a checkpoint records)."""
 
-    cfg: TrainConfig
+    cfg: StageConfig
     model_cfg: ModelConfig
     objective: Objective
     engine: eng.Engine
@@ -524,7 +513,7 @@ def _log_samples(run: Run, sampler: EmaSampler | None) -> None:
             run.logger.image(run.step, "samples/ema", sampler.grid(ema))
 
 
-def train(cfg: TrainConfig, objective: Objective,
+def train(cfg: StageConfig, objective: Objective,
           build_model: Callable[[ModelConfig], torch.nn.Module] | None = None,
           on_step: Callable[[eng.Engine, int, eng.StepResult], None] | None = None) -> Summary:
     """Run one stage: minimise `objective` (stages 1-2: `SupervisedObjective`, stage 3: `structmar.grpo`).
@@ -543,7 +532,7 @@ def run_train(cfg: TrainConfig) -> Summary:
     return train(cfg, SupervisedObjective(cfg.train_mode))
 
 
-def _train(cfg: TrainConfig, objective: Objective, build_model, on_step, stop: _StopFlag) -> Summary:
+def _train(cfg: StageConfig, objective: Objective, build_model, on_step, stop: _StopFlag) -> Summary:
     start, weights, model_cfg = _check_start(cfg, objective)
     env = eng.init_distributed(cfg.device)
     loader = _open_loader(cfg, model_cfg, env)
@@ -567,7 +556,7 @@ def _train(cfg: TrainConfig, objective: Objective, build_model, on_step, stop: _
             if batch is None:
                 break
             meter.batch_ready()
-            lr = lr_at(cfg, base_lr, run.epoch + (loader.batches - 1) / len(loader))
+            lr = cfg.lr_at(base_lr, run.epoch + (loader.batches - 1) / len(loader))
             result = engine.train_step(batch, lr)
             if result.skipped:
                 consecutive_bad += 1

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from structmar import atomic, engine
+from structmar.config import OptimizerConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,15 +26,22 @@ def _write(path: Path, cfg: dict) -> str:
     return str(path)
 
 
+def _build(path: str, **kw) -> dict:
+    spec = dict(micro_batch=1, grad_accum=1, world_size=1, lr=1.0, optimizer=OptimizerConfig(), precision="fp32")
+    return engine.build_ds_config(path, **{**spec, **kw})
+
+
 def test_ds_config_filled_from_cli(tmp_path):
-    path = _write(tmp_path / "z.json", {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}})
-    cfg = engine.build_ds_config(path, micro_batch=8, grad_accum=2, world_size=4, lr=3e-4, precision="bf16")
+    path = _write(tmp_path / "z.json", {"zero_optimization": {"stage": 2}})
+    optimizer = OptimizerConfig(adam_betas=(0.8, 0.99), adam_eps=1e-6, weight_decay=0.05, grad_clip=1.5)
+    cfg = _build(path, micro_batch=8, grad_accum=2, world_size=4, lr=3e-4, optimizer=optimizer, precision="bf16")
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (
         8, 2, 64)
-    assert cfg["optimizer"]["params"]["lr"] == 3e-4
+    assert cfg["optimizer"] == {"type": "AdamW",
+                                "params": {"lr": 3e-4, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.05}}
+    assert cfg["gradient_clipping"] == 1.5
     assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"
-    fp32 = engine.build_ds_config(path, micro_batch=1, grad_accum=1, world_size=1, lr=1.0, precision="fp32",
-                                  load_universal=True)
+    fp32 = _build(path, load_universal=True)
     assert not fp32["bf16"]["enabled"] and "data_types" not in fp32
     assert fp32["checkpoint"]["load_universal"]
 
@@ -44,25 +52,29 @@ def test_ds_config_filled_from_cli(tmp_path):
         ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, r"zero_optimization.reduce_bucket_size"),
         ({"train_micro_batch_size_per_gpu": 4}, "batch sizes come from --batch_size"),
         ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs ZeRO stage 3"),
+        ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}}, "sets optimizer; .* --weight_decay"),
+        ({"gradient_clipping": 1.0}, "sets gradient_clipping; .* --grad_clip"),
     ],
 )
 def test_ds_config_rejects(tmp_path, cfg, match):
     with pytest.raises(ValueError, match=match):
-        engine.build_ds_config(_write(tmp_path / "bad.json", cfg), micro_batch=1, grad_accum=1, world_size=1,
-                               lr=1.0, precision="fp32")
+        _build(_write(tmp_path / "bad.json", cfg))
 
 
 @pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_shipped_ds_configs(name, stage):
+    """The shipped jsons hold ZeRO and communication knobs; the optimizer is MAR's, from the stage config."""
     path = str(REPO / "ds_configs" / f"{name}.json")
-    cfg = engine.build_ds_config(path, micro_batch=64, grad_accum=1, world_size=8, lr=1e-4, precision="bf16")
+    saved = json.loads(json.dumps(TrainConfig().to_dict()))["optimizer"]  # as train_config.json keeps it
+    cfg = _build(path, micro_batch=64, world_size=8, lr=1e-4, optimizer=OptimizerConfig(**saved), precision="bf16")
     assert cfg["zero_optimization"]["stage"] == stage
     assert cfg["gradient_clipping"] == 3.0
     opt = cfg["optimizer"]
-    assert opt["type"] == "AdamW" and opt["params"]["betas"] == [0.9, 0.95] and opt["params"]["weight_decay"] == 0.02
+    assert opt["type"] == "AdamW" and opt["params"] == {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                        "weight_decay": 0.02}
+    assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["bf16"]["enabled"]
     with open(path) as f:
-        raw = json.load(f)
-    assert raw["data_types"]["grad_accum_dtype"] == "fp32" and raw["bf16"]["enabled"]
+        assert set(json.load(f)) == {"zero_optimization", "wall_clock_breakdown"}
 
 
 def test_launcher_environments(monkeypatch):
@@ -117,6 +129,7 @@ _STEP_SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from structmar import engine
+    from structmar.config import OptimizerConfig
 
     class Toy(torch.nn.Module):
         def __init__(self):
@@ -142,7 +155,7 @@ _STEP_SCRIPT = textwrap.dedent(
         model.body.requires_grad_(False)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1,
-                                     precision=precision)
+                                     optimizer=OptimizerConfig(), precision=precision)
         eng = engine.Engine(model, cfg, env, ema_rate=0.5, loss_fn=lambda m, b: m(b), forward_only=True)
         batch = {"x": torch.randn(2, 4)}
         eng.module.poison = True
@@ -165,7 +178,8 @@ _STEP_SCRIPT = textwrap.dedent(
     # an objective replacing the forward (stage 3's interface), and its refusal under ZeRO-3
     torch.manual_seed(0)
     model = Toy()
-    cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1, precision="fp32")
+    cfg = engine.build_ds_config(sys.argv[1], micro_batch=2, grad_accum=1, world_size=1, lr=0.1,
+                                 optimizer=OptimizerConfig(), precision="fp32")
     handed = {}
 
     def objective(forward_only):

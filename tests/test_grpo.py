@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from structmar.config import model_config
+from structmar.config import GRPOConfig, RLConfig, model_config
 from structmar.grpo import (
     BOX_REWARDS,
     GRPOObjective,
-    GRPOSettings,
     GRPOStage,
     ReferencePolicy,
     best_of_groups,
@@ -246,7 +245,7 @@ def test_kl_is_the_closed_form_for_equal_sigma():
 @pytest.mark.parametrize("guidance,num_steps", [(1.0, None), (2.0, 6)])
 def test_first_update_reproduces_the_rollout_log_probs(guidance, num_steps):
     model = make_model()
-    settings = GRPOSettings(group_size=3, num_iter=3, rollout_cfg=guidance, temperature=0.9, rollout_steps=num_steps,
+    settings = GRPOConfig(group_size=3, num_iter=3, rollout_cfg=guidance, temperature=0.9, rollout_steps=num_steps,
                             min_sigma=0.0, kl_coef=0.02)
     objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0)), ReferencePolicy(model),
                               generator=torch.Generator().manual_seed(0))
@@ -269,7 +268,7 @@ def test_inner_steps_reuse_the_rollout_and_the_ratio_moves_after_an_update():
     model = make_model()
     params = [p for n, p in model.named_parameters() if not n.startswith("diffloss")]
     opt = torch.optim.SGD(params, lr=1e-2)
-    settings = GRPOSettings(group_size=4, num_iter=2, temperature=1.0, inner_steps=2, min_sigma=0.05, clip_range=0.1,
+    settings = GRPOConfig(group_size=4, num_iter=2, temperature=1.0, inner_steps=2, min_sigma=0.05, clip_range=0.1,
                             kl_coef=0.1)
     objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0), 0.5), ReferencePolicy(model),
                               generator=torch.Generator().manual_seed(0))
@@ -290,9 +289,9 @@ def test_inner_steps_reuse_the_rollout_and_the_ratio_moves_after_an_update():
 
 def test_ar_chunks_split_the_selected_steps_across_backward_passes():
     model = make_model()
-    settings = GRPOSettings(group_size=2, num_iter=3, min_sigma=0.0, ar_chunks=2)
+    settings = GRPOConfig(group_size=2, num_iter=3, min_sigma=0.0)
     objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0)), ReferencePolicy(model),
-                              generator=torch.Generator().manual_seed(0))
+                              generator=torch.Generator().manual_seed(0), ar_chunks=2)
     batch = conditions(model.cfg)
     _, first = objective.loss(model, batch)
     ro = objective.current
@@ -329,7 +328,7 @@ def test_best_of_group_picks_each_ranked_groups_best_rollout_as_a_training_batch
 def test_best_of_group_term_adds_to_the_policy_objective_or_replaces_it(policy_coef):
     model = make_model()
     # min_sigma above every sigma: only an objective without the policy term can run at all
-    settings = GRPOSettings(group_size=3, num_iter=2, min_sigma=0.0 if policy_coef else 10.0, kl_coef=0.1,
+    settings = GRPOConfig(group_size=3, num_iter=2, min_sigma=0.0 if policy_coef else 10.0, kl_coef=0.1,
                             best_of_group_coef=0.5, policy_coef=policy_coef)
     objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0), 0.5), ReferencePolicy(model),
                               generator=torch.Generator().manual_seed(0))
@@ -366,7 +365,7 @@ def test_a_rollout_in_use_survives_a_checkpoint():
     import io
 
     model = make_model()
-    settings = GRPOSettings(group_size=2, num_iter=3, rollout_cfg=2.0, min_sigma=0.0, inner_steps=2, kl_coef=0.1)
+    settings = GRPOConfig(group_size=2, num_iter=3, rollout_cfg=2.0, min_sigma=0.0, inner_steps=2, kl_coef=0.1)
 
     def objective():
         return GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0)), ReferencePolicy(model),
@@ -396,7 +395,7 @@ def test_reference_stays_on_cpu_and_unchanged_by_updates():
     reference = ReferencePolicy(model)
     before = copy.deepcopy(reference.model.state_dict())
     assert all(p.device.type == "cpu" and not p.requires_grad for p in reference.model.parameters())
-    settings = GRPOSettings(group_size=2, num_iter=2, min_sigma=0.05)
+    settings = GRPOConfig(group_size=2, num_iter=2, min_sigma=0.05)
     objective = GRPOObjective(settings, TOK, colour_reward((0.0, 1.0, 0.0), 0.5), reference,
                               generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -445,7 +444,7 @@ def _reward_run(seed: int, steps: int, lr: float) -> list[float]:
     model = make_model()
     torch.manual_seed(0)
     model.diffloss.net = X0Denoiser(model.cfg.token_channels, model.cfg.width).requires_grad_(False)
-    settings = GRPOSettings(group_size=4, num_iter=2, temperature=1.0, min_sigma=0.05, kl_coef=0.0, clip_range=0.2)
+    settings = GRPOConfig(group_size=4, num_iter=2, temperature=1.0, min_sigma=0.05, kl_coef=0.0, clip_range=0.2)
     objective = GRPOObjective(settings, TOK, colour_reward((1.0, 0.0, 0.0), 0.5), ReferencePolicy(model),
                               generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -504,7 +503,7 @@ def test_grpo_raises_a_simple_colour_reward_through_the_real_head():
     within 30 steps far beyond the spread of its no-update mean across rollout seeds."""
     model = _flat_colour_model()
     start = copy.deepcopy(model.state_dict())
-    settings = GRPOSettings(group_size=8, num_iter=2, temperature=1.0, min_sigma=0.3, kl_coef=0.0, clip_range=0.2)
+    settings = GRPOConfig(group_size=8, num_iter=2, temperature=1.0, min_sigma=0.3, kl_coef=0.0, clip_range=0.2)
     batch = conditions(model.cfg, B=4)
 
     def run(seed, steps, lr):
@@ -559,42 +558,82 @@ def _rl_args(root, out, *extra):
             *extra]
 
 
-def test_every_rl_flag_maps_to_the_rl_config():
+def _rl_parser():
+    from structmar.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["rl"]
+
+
+def test_every_rl_flag_is_one_rl_config_field():
     import dataclasses
 
-    from structmar.cli import build_parser
-    from structmar.config import RLConfig
+    from structmar.config import OptimizerConfig
 
-    rl = build_parser()._subparsers._group_actions[0].choices["rl"]
+    rl = _rl_parser()
     dests = {a.dest for a in rl._actions} - {"help", "local_rank"}
-    fields = {f.name for f in dataclasses.fields(RLConfig)}
-    assert dests <= fields, dests - fields
+    defaults = RLConfig(resume="-")
+    owners = {"grpo": defaults.grpo, "optimizer": defaults.optimizer}
+    own = {f.name for f in dataclasses.fields(RLConfig)} - set(owners)
+    grpo, optimizer = ({f.name for f in dataclasses.fields(cls)} for cls in (GRPOConfig, OptimizerConfig))
+    assert not (own & grpo or own & optimizer or grpo & optimizer)  # a flag name names one field only
+    assert dests == own | grpo | optimizer == RLConfig.flag_names()
+    for name in dests - {"resume"}:  # each flag's default is its field's
+        holder = defaults.grpo if name in grpo else defaults.optimizer if name in optimizer else defaults
+        assert rl.get_default(name) == getattr(holder, name), name
+    for f in dataclasses.fields(GRPOConfig):  # a GRPO knob's flag is generated from its declaration
+        assert rl._option_string_actions[f"--{f.name}"].help.startswith(f.metadata["help"]), f.name
     paper = {"output_dir", "coco_root", "coco_split", "model", "diffloss_d", "diffloss_w", "resume", "detector_path",
              "epochs", "batch_size", "group_size", "num_iter", "rl_step_ratio", "kl_coef", "lr", "grad_checkpointing",
              "device", "detector", "clip_range", "rollout_cfg", "temperature", "rollout_steps", "train_head",
-             "ref_device", "min_sigma", "sigma_mode"}
+             "ref_device", "min_sigma", "sigma_mode", "weight_decay", "grad_clip"}
     assert paper <= dests
-    args = rl.parse_args(["--resume", "x", "--kl_coef", "0.1", "--train_head"])
-    assert args.kl_coef == 0.1 and args.train_head and args.ref_device == "cpu" and args.lr == 1e-6
-    # booleans that default on have a --no- form; each reaches the GRPO step's settings
-    assert args.math_attention is True and GRPOSettings().math_attention is True
-    args = rl.parse_args(["--resume", "x", "--no-math_attention"])
-    cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    assert cfg.math_attention is False
-    assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().math_attention is False
-    args = rl.parse_args(["--resume", "x", "--scale_rewards", "batch"])
-    cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    assert GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings().scale_rewards == "batch"
-    with pytest.raises(ValueError, match="scale_rewards 'std'"):
-        RLConfig(resume="x", scale_rewards="std").validate()
-    args = rl.parse_args(["--resume", "x", "--best_of_group_coef", "0.5", "--policy_coef", "0"])
-    cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    settings = GRPOStage(cfg, reward_fn=colour_reward((1.0, 0.0, 0.0))).settings()
-    assert (settings.best_of_group_coef, settings.policy_coef) == (0.5, 0.0)
-    with pytest.raises(ValueError, match="all 0: nothing would train"):
-        RLConfig(resume="x", policy_coef=0.0).validate()
-    with pytest.raises(ValueError, match="best_of_group_coef must be >= 0"):
-        RLConfig(resume="x", best_of_group_coef=-1.0).validate()
+
+
+def test_rl_flags_reach_the_grpo_objective(tmp_path):
+    from structmar.model import write_export
+
+    rl = _rl_parser()
+
+    def config(*flags, resume="x"):
+        args = vars(rl.parse_args(["--resume", resume, *flags]))
+        return RLConfig.from_flags({k: v for k, v in args.items() if k not in ("func", "command", "local_rank")})
+
+    cfg = config("--kl_coef", "0.1", "--train_head", "--adam_betas", "0.8", "0.9")
+    assert cfg.grpo.kl_coef == 0.1 and cfg.train_head and cfg.ref_device == "cpu" and cfg.lr == 1e-6
+    assert cfg.optimizer.adam_betas == (0.8, 0.9)
+    # the rollouts' sampling defaults are the paper's stage-3 command's, not sampling's
+    assert (cfg.grpo.num_iter, cfg.grpo.cfg_schedule) == (256, "constant")
+    # booleans that default on have a --no- form
+    assert cfg.grpo.math_attention is True and config("--no-math_attention").grpo.math_attention is False
+    assert config("--shared_orders").grpo.shared_orders is True
+    assert config("--scale_rewards", "batch").grpo.scale_rewards == "batch"
+    assert config("--rollout_steps", "5").grpo.rollout_steps == 5
+    cfg = config("--best_of_group_coef", "0.5", "--policy_coef", "0")
+    assert (cfg.grpo.best_of_group_coef, cfg.grpo.policy_coef) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="unknown RLConfig fields"):
+        RLConfig.from_flags({"resume": "x", "warmup_epochs": 1.0})
+    # the stage's objective runs on the config's GRPO knobs; its backward passes per update are --grad_accum
+    model = make_model()
+    init = tmp_path / "init.safetensors"
+    write_export(str(init), model.state_dict(), model.state_dict(), model.cfg)
+    stage = GRPOStage(config("--grad_accum", "2", "--group_size", "3", resume=str(init)),
+                      reward_fn=colour_reward((1.0, 0.0, 0.0)))
+    stage.prepare(model.cfg, seed=0)
+    assert stage.objective.s is stage.cfg.grpo and stage.objective.s.group_size == 3
+    assert stage.objective.ar_chunks == 2
+
+
+@pytest.mark.parametrize("grpo, match", [
+    (dict(scale_rewards="std"), "scale_rewards 'std'"),
+    (dict(policy_coef=0.0), "all 0: nothing would train"),
+    (dict(best_of_group_coef=-1.0), "best_of_group_coef must be >= 0"),
+    (dict(cfg_schedule="cosine"), "cfg_schedule 'cosine'"),
+    (dict(num_iter=0), "num_iter must be >= 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+])
+def test_rl_config_refuses(grpo, match):
+    with pytest.raises(ValueError, match=match):
+        RLConfig(resume="x", grpo=GRPOConfig(**grpo)).validate()
 
 
 def test_rl_detector_errors_come_before_any_rollout(shapes_run, tmp_path, capsys):

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_train import synthetic_batch  # noqa: E402
 
 from structmar import engine as eng  # noqa: E402
-from structmar.config import PRECISIONS, PRESETS, RLConfig, model_config  # noqa: E402
+from structmar.config import PRECISIONS, PRESETS, GRPOConfig, OptimizerConfig, model_config  # noqa: E402
 from structmar.tokenizer import KL16_ARCH, KLTokenizer, build_tokenizer  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def frcnn_reward(device: str):
 
 
 def main(argv=None) -> dict:
-    d = RLConfig
+    d = GRPOConfig
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     if args.ref_device == "cuda" and args.device != "cuda":
         p.error("--ref_device cuda needs --device cuda")
 
-    from structmar.grpo import GRPOObjective, GRPOSettings, ReferencePolicy, colour_reward
+    from structmar.grpo import GRPOObjective, ReferencePolicy, colour_reward
     from structmar.model import StructMAR
 
     cfg = model_config(args.model, grad_checkpointing=args.grad_checkpointing)
@@ -96,12 +96,13 @@ def main(argv=None) -> dict:
     tokenizer = (KLTokenizer(ch=args.vae_ch) if cfg.tokenizer == "kl16" else build_tokenizer(cfg.tokenizer,
                  pixel_patch=cfg.pixel_patch)).eval().to(env.device)
     reward = frcnn_reward(str(env.device)) if args.reward == "frcnn" else colour_reward((1.0, 0.0, 0.0), 0.5)
-    settings = GRPOSettings(group_size=args.group_size, num_iter=args.num_iter, rollout_steps=args.rollout_steps,
+    settings = GRPOConfig(group_size=args.group_size, num_iter=args.num_iter, rollout_steps=args.rollout_steps,
                             rl_step_ratio=args.rl_step_ratio, diffusion_step_ratio=args.diffusion_step_ratio,
                             min_sigma=args.min_sigma)
     objective = GRPOObjective(settings, tokenizer, reward, reference, generator=None)
     ds_config = eng.build_ds_config(args.deepspeed_config, micro_batch=args.batch_size, grad_accum=1,
-                                    world_size=env.world_size, lr=1e-5, precision=args.precision)
+                                    world_size=env.world_size, lr=1e-5, optimizer=OptimizerConfig(),
+                                    precision=args.precision)
     engine = eng.Engine(model, ds_config, env, ema_rate=0.9999, loss_fn=objective.loss)
 
     cuda = env.device.type == "cuda"

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from structmar import engine as eng  # noqa: E402
-from structmar.config import PRECISIONS, PRESETS, model_config  # noqa: E402
+from structmar.config import PRECISIONS, PRESETS, OptimizerConfig, model_config  # noqa: E402
 
 
 def synthetic_batch(cfg, batch_size: int, num_boxes: int, text_length: int, generator: torch.Generator) -> dict:
@@ -73,7 +73,8 @@ def main(argv=None) -> dict:
     model = StructMAR(cfg)
     n_params = sum(q.numel() for q in model.parameters())
     ds_config = eng.build_ds_config(args.deepspeed_config, micro_batch=args.batch_size, grad_accum=1,
-                                    world_size=env.world_size, lr=1e-4, precision=args.precision)
+                                    world_size=env.world_size, lr=1e-4, optimizer=OptimizerConfig(),
+                                    precision=args.precision)
     engine = eng.Engine(model, ds_config, env, ema_rate=0.9999)
     gen = torch.Generator().manual_seed(env.rank)
     batches = [synthetic_batch(cfg, args.batch_size, args.num_boxes, args.text_length, gen) for _ in range(2)]

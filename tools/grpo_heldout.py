@@ -2,7 +2,7 @@
 GRPO tables, so an arm is one command and its row is comparable with the others.
 
 It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` (or `--start`) on the demo's shards
-with the recipe below, any RLConfig field overridden with `--set name=value` (`--set device=cuda` on a GPU),
+with the recipe below, any `structmar rl` flag overridden with `--set name=value` (`--set device=cuda` on a GPU),
 then evaluates the run's export on `--layouts` val layouts with the analytic Shapes detector on the run's
 device: raw weights at the evaluation temperature (the demo's 0.25) and at the rollout temperature, and the
 EMA at the evaluation temperature. Two controls replace the reward, with the same steps, data and optimizer:
@@ -28,7 +28,6 @@ RUN/eval_raw_rollout_temperature, RUN/eval_ema) from one baseline's, e.g. arms m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -36,7 +35,7 @@ import time
 import torch
 
 from structmar.config import RLConfig
-from structmar.demo import DemoConfig, _train_args
+from structmar.demo import DemoConfig, train_args
 from structmar.evaluate import EvalOptions, run_eval
 from structmar.grpo import BOX_REWARDS, GRPOStage, run_rl
 from structmar.model import EXPORT, read_weights
@@ -50,8 +49,8 @@ FIGURES = ("ap50", "success_rate", "reward")
 
 def parse_set(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
-    if not sep or name not in {f.name for f in dataclasses.fields(RLConfig)}:
-        raise argparse.ArgumentTypeError(f"--set {text!r} is not name=value with name an RLConfig field")
+    if not sep or name not in RLConfig.flag_names():
+        raise argparse.ArgumentTypeError(f"--set {text!r} is not name=value with name a `structmar rl` flag")
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
@@ -105,9 +104,9 @@ def main() -> None:
     demo = DemoConfig(out=args.demo, seed=args.seed)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = dict(shards=os.path.join(args.demo, "shards"), ds_config=os.path.join(repo, "ds_configs", "zero2.json"))
-    fields = {**_train_args(demo, paths, args.run_dir, args.steps, model=demo.preset, resume=start, train_mode="full",
-                            init_ema=True), "log_every": 1, **RECIPE, **dict(args.set)}
-    cfg = RLConfig(**fields)
+    flags = {**train_args(demo, paths, args.run_dir, args.steps, model=demo.preset, resume=start, init_ema=True),
+             "log_every": 1, **RECIPE, **dict(args.set)}
+    cfg = RLConfig.from_flags(flags)
 
     t = time.time()
     if args.control:
@@ -120,8 +119,8 @@ def main() -> None:
 
     figures = {}
     evaluations = [("raw", args.eval_temperature, False), ("ema", args.eval_temperature, None)]
-    if cfg.temperature != args.eval_temperature:
-        evaluations.insert(1, ("raw_rollout_temperature", cfg.temperature, False))
+    if cfg.grpo.temperature != args.eval_temperature:
+        evaluations.insert(1, ("raw_rollout_temperature", cfg.grpo.temperature, False))
     for name, temperature, ema in evaluations:
         opts = EvalOptions(checkpoint=os.path.join(args.run_dir, EXPORT), coco_root=os.path.join(args.demo, "shapes"),
                            out=os.path.join(args.run_dir, f"eval_{name}"), num_layouts=args.layouts,

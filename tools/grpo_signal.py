@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from structmar.grpo import GRPOObjective, GRPOSettings, ReferencePolicy, gradient_signal_share, layout_reward
+from structmar.config import DETECTOR_KINDS, GRPOConfig
+from structmar.grpo import GRPOObjective, ReferencePolicy, gradient_signal_share, layout_reward
 from structmar.model import StructMAR, load_weights, read_weights
 from structmar.reward import RewardWeights, load_detector
 from structmar.shards import ShardLoader
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--group_size", type=int, default=8)
     ap.add_argument("--num_iter", type=int, default=8)
     ap.add_argument("--estimates", type=int, default=6)
-    ap.add_argument("--detector", default="shapes", choices=("shapes", "torchvision_frcnn", "hf"))
+    ap.add_argument("--detector", default="shapes", choices=DETECTOR_KINDS)
     ap.add_argument("--detector_path")
     ap.add_argument("--vae_path")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,7 +81,7 @@ def main() -> None:
           "for 0.5, rest | s per estimate |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for setting in args.setting:
-        settings = GRPOSettings(group_size=args.group_size, num_iter=args.num_iter, kl_coef=0.0, **setting)
+        settings = GRPOConfig(group_size=args.group_size, num_iter=args.num_iter, kl_coef=0.0, **setting)
         torch.manual_seed(args.seed)
         objective = GRPOObjective(settings, tokenizer, reward, reference)
         head, rest, rewards = [], [], []
