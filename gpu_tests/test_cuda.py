@@ -1,6 +1,6 @@
 """What only a GPU can check: FlexAttention's backward against the SDPA reference, the model's flex training
 step against sdpa's, the model in bf16 against fp32, and GRPO with the policy on the GPU and its frozen
-reference on the CPU.
+reference: a plain copy on the CPU, and the ZeRO-3 engine `structmar rl` builds, offloaded or resident.
 
 Not collected by the CPU suite (`testpaths` is tests/); on a GPU machine:
 
@@ -163,3 +163,26 @@ def test_grpo_policy_on_gpu_reference_on_cpu():
     assert all(p.device.type == "cpu" for p in reference.model.parameters())
     after = reference.model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_grpo_reference_engine_computes_on_the_policys_device(offload):
+    """The reference as `structmar rl` builds it (a ZeRO-3 engine, here of one rank): its partitions live in
+    CPU memory (offloaded) or on the GPU (resident), and its means, computed on the policy's device, equal
+    those of a plain fp32 copy on that device."""
+    from structmar import engine as eng
+    from structmar.grpo import recompute_means
+
+    env = eng.init_distributed(DEVICE.type)
+    model = make_model().to(DEVICE)
+    reference = ReferencePolicy(model, env, torch.float32, offload=offload)
+    assert {p.ds_tensor.device.type for p in reference.model.parameters()} == {"cpu" if offload else DEVICE.type}
+    settings = GRPOConfig(group_size=2, num_iter=3, min_sigma=0.05, rollout_cfg=2.0)
+    objective = GRPOObjective(settings, TOK.to(DEVICE), colour_reward((1.0, 0.0, 0.0), 0.5), reference,
+                              generator=torch.Generator().manual_seed(0))
+    objective.loss(model, _on_device(conditions(model.cfg)))
+    ro = objective.current
+    with objective._kernels(), torch.no_grad():
+        plain = recompute_means(copy.deepcopy(model).float().eval(), ro, None)
+    assert all(m.device.type == DEVICE.type for m in ro.ref_means)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(plain, ro.ref_means, strict=True))

@@ -300,8 +300,12 @@ def _add_rl(sub) -> None:
                    help="backward passes per optimizer step: GRPO splits each update's selected AR steps into this "
                         "many chunks, one per pass, so only one chunk's graph is in memory at once")
     p.add_argument("--train_head", action="store_true", help="also train the diffusion head (frozen by default)")
-    p.add_argument("--ref_device", default=d.ref_device, choices=("cpu", "cuda"),
-                   help="where the frozen reference computes (it is stored on the CPU either way)")
+    p.add_argument("--ref_offload", action=argparse.BooleanOptionalAction, default=d.ref_offload,
+                   help="the frozen KL reference's parameters, partitioned across the ranks (ZeRO-3) in the policy's "
+                        "precision, live in pinned CPU memory and are gathered onto the device layer by layer while "
+                        "its means are computed (default); --no-ref_offload keeps the partitions on the device "
+                        "(1/ranks of the model per GPU, no host-to-device copies). It computes on the policy's "
+                        "device either way")
     p.add_argument("--lr", type=float, default=d.lr,
                    help=f"absolute learning rate, constant ({d.lr:g}: the paper's stage-3 command)")
 

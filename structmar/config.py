@@ -488,15 +488,13 @@ class RLConfig(StageConfig):
     reward_centroid: float = 0.5
     reward_missing: float = 0.5
     train_head: bool = False
-    ref_device: str = "cpu"
+    ref_offload: bool = True  # the frozen reference's parameters live in pinned CPU memory (else on the device)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
     def validate(self) -> RLConfig:
         super().validate()
         if self.detector not in DETECTOR_KINDS:
             raise ValueError(f"detector {self.detector!r} is not one of {DETECTOR_KINDS}")
-        if self.ref_device not in ("cpu", "cuda") or (self.ref_device == "cuda" and self.device != "cuda"):
-            raise ValueError(f"ref_device {self.ref_device!r} must be 'cpu', or 'cuda' with --device cuda")
         self.grpo.validate()
         if self.lr is None or self.lr <= 0:
             raise ValueError(f"lr must be > 0 for GRPO, got {self.lr}")

@@ -493,6 +493,51 @@ def _prune(ckpt_dir: str, keep: int, current: str) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
 
 
+# ---- a frozen model (the GRPO reference) ----------------------------------------------------
+
+# parameters this small stay whole on every rank (DeepSpeed-Chat's reference model uses 1e4): norms, biases,
+# gates; gathering them at every use would cost more in latency than they save in memory
+PERSISTENCE_THRESHOLD = 10_000
+
+
+def frozen_engine(module: torch.nn.Module, env: DistEnv, dtype: torch.dtype, offload: bool, flag: str):
+    """`module` as a DeepSpeed engine that is never stepped, as DeepSpeed-Chat runs its RLHF reference model:
+    ZeRO-3 partitions its parameters (in `dtype`) across the ranks, in pinned CPU memory with `offload` or
+    on `env.device` without, and gathers each submodule's parameters onto `env.device` around its own
+    forward only. Calling the engine runs `module.forward` there. `flag`: the option that keeps the
+    parameters on the device, named when pinned memory runs out."""
+    import deepspeed
+
+    # memory_efficient_linear on would replace torch.nn.functional.linear process-wide (the policy's layers
+    # too) with DeepSpeed's own autograd function
+    zero = {"stage": 3, "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD, "memory_efficient_linear": False}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": env.world_size,
+              "zero_optimization": zero, "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
+    module = module.to(dtype).eval().requires_grad_(False)
+    try:
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+    except RuntimeError as e:
+        if offload and "memory" in str(e).lower():
+            share = sum(p.numel() * p.element_size() for p in module.parameters()) / env.world_size / 2**30
+            raise ValueError(f"cannot allocate {share:.2f} GiB of pinned CPU memory per rank for a frozen model's "
+                             f"parameters ({str(e).splitlines()[0]}); keep them on the device with {flag}") from e
+        raise
+    return engine
+
+
+@contextlib.contextmanager
+def gathered(params):
+    """The ZeRO-3 parameters among `params` whole on every rank for the duration (read-only); other
+    parameters as they are. For parameters a module uses outside its own forward, which ZeRO-3 does not
+    gather: keep the list to those (a module's own small tensors), never a whole model."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params)):
+        yield
+
+
 # ---- resuming -------------------------------------------------------------------------------
 
 

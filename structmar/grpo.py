@@ -28,7 +28,8 @@ the step has no policy objective at all: rollouts keep no trajectories, no trans
 reference computes nothing and nothing is recomputed (ratio, KL and clip fraction are not logged; the
 rollout temperature is then free of `min_sigma`, e.g. the evaluation temperature for best-of-group).
 
-The reference is a frozen copy of the stage's starting weights that lives on the CPU (`ReferencePolicy`);
+The reference is a frozen copy of the stage's starting weights (`ReferencePolicy`): a DeepSpeed engine that
+is never stepped, its parameters partitioned across the ranks (ZeRO-3) and offloaded to the CPU by default;
 its means are computed once per rollout and reused by every update on that rollout.
 
 Small sigma: d log N / d mu = (x_{t-1} - mu) / sigma^2 = noise / sigma, so the last cosine steps (sigma down
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from structmar import engine as eng
 from structmar.config import CREDITS, REWARD_SCALES, SIGMA_MODES, GRPOConfig
 from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
 from structmar.model import StructMAR, patchify, sample_orders, unpatchify
@@ -61,6 +63,8 @@ RewardFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Te
 # a reward function may also return, under this key of its components, each box slot's own reward (N, K)
 # (aligned with the batch's box_mask; 0 at padding): what `credit="box"` assigns to the tokens of each box
 BOX_REWARDS = "per_box"
+# the option that keeps the KL reference's parameters on the device instead of offloading them to the CPU
+RESIDENT_REFERENCE_FLAG = "--no-ref_offload"
 
 
 # ---- batches and groups ---------------------------------------------------------------------------
@@ -406,23 +410,60 @@ def recompute_means(model: StructMAR, ro: Rollout, num_steps: int | None) -> lis
 # ---- the reference ----------------------------------------------------------------------------------
 
 
-class ReferencePolicy:
-    """A frozen copy of the stage's starting weights, kept on the CPU and never updated.
+class _Means(torch.nn.Module):
+    """`recompute_means` of a model as this module's forward, so a DeepSpeed engine can run it whole.
 
-    `device="cpu"` computes there; `device="cuda"` moves the copy to the GPU for one computation and
-    back to the CPU afterwards (faster, costs its memory for the duration of the call).
+    ZeRO-3 gathers a module's parameters only around its own forward: the blocks and the head's net are
+    called as modules, but StructMAR's methods read its own parameters (fake_latent, mask_token, the
+    position embeddings) outside any forward, so those (and only those) are gathered for the call.
     """
 
-    def __init__(self, model: StructMAR, device: str = "cpu"):
+    def __init__(self, model: StructMAR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ro: Rollout, num_steps: int | None) -> list[torch.Tensor]:
+        with eng.gathered(self.model.parameters(recurse=False)):
+            return recompute_means(self.model, ro, num_steps)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class ReferencePolicy:
+    """A frozen copy of the stage's starting weights, never updated.
+
+    With a process group (`env`), as DeepSpeed runs the reference model of RLHF: a DeepSpeed engine that is
+    never stepped (`engine.frozen_engine`), in the policy's `dtype`, its parameters partitioned across the
+    ranks (ZeRO-3) and kept in pinned CPU memory (`offload`) or on the device, gathered onto the policy's
+    device layer by layer while its means are computed there (`_Means`). Without one (tools and tests in a
+    plain process): an fp32 copy on the CPU that computes there. `own=True` takes `model` itself (one built for
+    the reference alone: no second whole copy in memory before the engine partitions it).
+    """
+
+    def __init__(self, model: StructMAR, env: eng.DistEnv | None = None, dtype: torch.dtype = torch.float32,
+                 offload: bool = True, own: bool = False):
         import copy
 
-        self.model = copy.deepcopy(model).to("cpu", torch.float32).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.device = device
+        if not own:
+            model = copy.deepcopy(model)
+        self.model = model.to("cpu", torch.float32).eval().requires_grad_(False)
+        self._digest = weights_digest(self.model)  # of the weights as given, whatever the partitions hold
+        self.runner = _Means(self.model)
+        if env is not None:
+            self.runner = eng.frozen_engine(self.runner, env, dtype, offload, flag=RESIDENT_REFERENCE_FLAG)
 
     @classmethod
-    def from_state_dict(cls, model_cfg, state_dict: dict, device: str = "cpu") -> ReferencePolicy:
+    def from_state_dict(cls, model_cfg, state_dict: dict, env: eng.DistEnv | None = None,
+                        dtype: torch.dtype = torch.float32, offload: bool = True) -> ReferencePolicy:
         from structmar.model import load_weights
 
         with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # its init must not move the loop's RNG
@@ -430,29 +471,17 @@ class ReferencePolicy:
         report = load_weights(model, state_dict)
         if report.missing:
             raise ValueError(f"the reference weights lack {len(report.missing)} tensors, e.g. {report.missing[:3]}")
-        return cls(model, device)
+        return cls(model, env, dtype, offload, own=True)
 
     def digest(self) -> str:
-        """sha256 of the weights (names, dtypes, shapes, bytes): which reference a checkpoint was trained against."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for name, t in sorted(self.model.state_dict().items()):
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()
+        """sha256 of the starting weights in fp32 (`weights_digest`): which reference a checkpoint was trained
+        against."""
+        return self._digest
 
     @torch.no_grad()
     def means(self, ro: Rollout, num_steps: int | None, like: torch.Tensor) -> list[torch.Tensor]:
-        """mu_ref of the rollout's selected transitions, returned on `like`'s device and dtype."""
-        if self.device != "cpu":
-            self.model.to(self.device)
-        try:
-            means = recompute_means(self.model, ro, num_steps)
-        finally:
-            if self.device != "cpu":
-                self.model.to("cpu")
-        return [m.to(like.device, torch.float32) for m in means]
+        """mu_ref of the rollout's selected transitions, in fp32 on `like`'s device."""
+        return [m.to(like.device, torch.float32) for m in self.runner(ro, num_steps)]
 
 
 # ---- the objective ----------------------------------------------------------------------------------
@@ -664,7 +693,7 @@ class GRPOStage:
     the GRPO loss, and its state.
 
     Built before any process group or rollout, so a missing or wrong detector fails first. `prepare`
-    runs once the policy is built: it makes the tokenizer and the frozen CPU reference from the --resume
+    runs once the policy is built: it makes the tokenizer and the frozen reference from the --resume
     weights. The reference is the stage's start, never updated: a checkpoint records its file and sha256,
     and a continued run (`load_state_dict`) keeps the recorded one, rebuilding it from the recorded file
     when --resume now names other weights (e.g. this run's own directory, whose export has moved on).
@@ -698,12 +727,19 @@ class GRPOStage:
         c = self.cfg
         tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=c.vae_path, pixel_patch=model_cfg.pixel_patch)
         path = os.path.abspath(resolve_weights_path(c.resume))
-        reference = ReferencePolicy.from_state_dict(model_cfg, read_weights(path).select(ema=c.init_ema),
-                                                    device=c.ref_device)
         self.model_cfg = model_cfg
+        reference = self._reference(read_weights(path).select(ema=c.init_ema))
         self.reference_source = {"path": path, "sha256": reference.digest()}
         self.objective = GRPOObjective(c.grpo, tokenizer.eval(), self.reward_fn, reference, ar_chunks=c.grad_accum,
                                        generator=None)  # rollouts draw from the loop's seeded torch RNG (seed)
+
+    def _reference(self, state_dict: dict) -> ReferencePolicy:
+        """The frozen reference over this run's ranks, in the policy's dtype, its parameters offloaded to the CPU
+        (--ref_offload, the default) or resident on the device; it computes on the policy's device either way."""
+        c = self.cfg
+        return ReferencePolicy.from_state_dict(self.model_cfg, state_dict, env=eng.init_distributed(c.device),
+                                               dtype=torch.bfloat16 if c.precision == "bf16" else torch.float32,
+                                               offload=c.ref_offload)
 
     def state_dict(self) -> dict:
         """This rank's part of a checkpoint: the reference's source and the objective's state."""
@@ -720,8 +756,7 @@ class GRPOStage:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"this run's KL reference {path} is gone, and --resume "
                                         f"{self.reference_source['path']} holds other weights; restore the file")
-            reference = ReferencePolicy.from_state_dict(self.model_cfg, read_weights(path).model,
-                                                        device=self.cfg.ref_device)
+            reference = self._reference(read_weights(path).model)
             if reference.digest() != saved["sha256"]:
                 raise ValueError(f"this run's KL reference {path} changed since the run started (sha256 differs); "
                                  "restore the stage's starting weights or start a new --output_dir")

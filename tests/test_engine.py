@@ -107,6 +107,22 @@ def test_zero3_partitions_reassemble():
     assert torch.equal(flat[:10].view(2, 5), full) and not flat[10:].any()
 
 
+def test_a_frozen_engine_that_cannot_pin_its_offload_says_so_and_names_the_flag(monkeypatch):
+    def no_pinned_memory(**kwargs):
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+
+    monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(initialize=no_pinned_memory))
+    env = engine.DistEnv(0, 2, 0, torch.device("cpu"))
+    model = torch.nn.Linear(2**16, 2**14, bias=False, device="meta")  # 4 GiB in fp32: 2 GiB per rank
+    with pytest.raises(ValueError) as err:
+        engine.frozen_engine(model, env, torch.float32, offload=True, flag="--no-ref_offload")
+    assert "\n" not in str(err.value)
+    assert re.search(r"cannot allocate 2\.00 GiB of pinned CPU memory per rank .*CUDA error: out of memory\); "
+                     r"keep them on the device with --no-ref_offload$", str(err.value)), str(err.value)
+    with pytest.raises(RuntimeError, match="out of memory"):  # kept on the device: no offload to blame
+        engine.frozen_engine(model, env, torch.float32, offload=False, flag="--no-ref_offload")
+
+
 def test_latest_survives_an_interrupted_save(tmp_path):
     ckpt = tmp_path / engine.CHECKPOINTS
     for step in (2, 4, 6):

@@ -585,7 +585,7 @@ def test_every_rl_flag_is_one_rl_config_field():
     paper = {"output_dir", "coco_root", "coco_split", "model", "diffloss_d", "diffloss_w", "resume", "detector_path",
              "epochs", "batch_size", "group_size", "num_iter", "rl_step_ratio", "kl_coef", "lr", "grad_checkpointing",
              "device", "detector", "clip_range", "rollout_cfg", "temperature", "rollout_steps", "train_head",
-             "ref_device", "min_sigma", "sigma_mode", "weight_decay", "grad_clip"}
+             "ref_offload", "min_sigma", "sigma_mode", "weight_decay", "grad_clip"}
     assert paper <= dests
 
 
@@ -599,7 +599,7 @@ def test_rl_flags_reach_the_grpo_objective(tmp_path):
         return RLConfig.from_flags({k: v for k, v in args.items() if k not in ("func", "command", "local_rank")})
 
     cfg = config("--kl_coef", "0.1", "--train_head", "--adam_betas", "0.8", "0.9")
-    assert cfg.grpo.kl_coef == 0.1 and cfg.train_head and cfg.ref_device == "cpu" and cfg.lr == 1e-6
+    assert cfg.grpo.kl_coef == 0.1 and cfg.train_head and cfg.ref_offload and cfg.lr == 1e-6
     assert cfg.optimizer.adam_betas == (0.8, 0.9)
     # the rollouts' sampling defaults are the paper's stage-3 command's, not sampling's
     assert (cfg.grpo.num_iter, cfg.grpo.cfg_schedule) == (256, "constant")
@@ -681,14 +681,17 @@ def test_structmar_rl_runs_grpo_through_the_training_loop(shapes_run, tmp_path):
 
 RL_DRIVER = '''"""`structmar rl <flags>` with test hooks read from the environment:
 RL_KILL_AT: the optimizer step after which rank 0 kills itself with SIGKILL (a crash, no cleanup);
-RL_DUMP: a directory where each rank writes, at the end, its policy weights, its reference's weights and
-devices, and the image ids of the layouts it rolled out."""
+RL_DUMP: a directory where each rank writes, at the end, its policy weights, its reference's weights (gathered
+whole), what it holds of them (numbers of elements and devices of its partitions), the image ids of the layouts
+it rolled out, and how far the reference's means of the last rollout are from a plain fp32 copy's."""
 import os, signal, sys
 
 import torch
 
 from structmar import grpo, train as loop
 from structmar.cli import main
+from structmar.engine import gathered
+from structmar.model import read_weights
 
 kill_at = int(os.environ.get("RL_KILL_AT", "0"))
 dump = os.environ.get("RL_DUMP")
@@ -711,10 +714,19 @@ def train(cfg, objective=None, build_model=None, on_step=None):
 
     summary = run(cfg, objective, build_model, hook)
     if dump:
-        reference = objective.objective.reference.model
+        grpo_objective, reference = objective.objective, objective.objective.reference.model
+        with gathered(reference.parameters()):  # the whole model: a test at toy size
+            weights = {k: v.clone() for k, v in reference.state_dict().items()}
+        start = read_weights(objective.reference_source["path"]).model
+        plain = grpo.ReferencePolicy.from_state_dict(reference.cfg, start)
+        ro = grpo_objective.current
+        with grpo_objective._kernels(), torch.no_grad():
+            means = grpo.recompute_means(plain.model, ro, grpo_objective.s.rollout_steps)
         torch.save(dict(policy={k: v.detach().float().clone() for k, v in engines[0].module.state_dict().items()},
-                        reference={k: v.clone() for k, v in reference.state_dict().items()},
-                        reference_devices=sorted({p.device.type for p in reference.parameters()}),
+                        reference=weights, held=sum(p.ds_tensor.numel() for p in reference.parameters()),
+                        whole=sum(p.ds_numel for p in reference.parameters()),
+                        reference_devices=sorted({p.ds_tensor.device.type for p in reference.parameters()}),
+                        means_error=max(float((a - b).abs().max()) for a, b in zip(means, ro.ref_means, strict=True)),
                         rolled=rolled), os.path.join(dump, f"rank{engines[0].env.rank}.pt"))
     return summary
 
@@ -793,8 +805,9 @@ def test_rl_killed_mid_run_continues_exactly_when_rerun(shapes_run, rl_driver, l
 
 @pytest.mark.slow
 def test_rl_on_two_ranks_splits_layouts_and_keeps_ranks_identical(shapes_run, rl_driver, launch, tmp_path):
-    """`deepspeed --num_gpus 2` (gloo, ZeRO-2), 3 steps: the ranks roll out disjoint layouts, end with
-    identical weights equal to the one export, and keep their references unchanged on the CPU."""
+    """`deepspeed --num_gpus 2` (gloo, ZeRO-2), 3 steps: the ranks roll out disjoint layouts and end with
+    identical weights equal to the one export. The reference is partitioned between them (ZeRO-3, each holds
+    half, offloaded to the CPU), stays the start's weights, and its means are a plain fp32 copy's."""
     from structmar.model import read_weights
     from structmar.train import EXPORT
 
@@ -816,4 +829,6 @@ def test_rl_on_two_ranks_splits_layouts_and_keeps_ranks_identical(shapes_run, rl
     assert any(not torch.equal(export[k], start[k]) for k in start if not k.startswith("diffloss."))
     for r in ranks:
         assert r["reference_devices"] == ["cpu"]
+        assert r["whole"] <= 2 * r["held"] < r["whole"] + 2 * len(start), (r["held"], r["whole"])  # half, padded
         assert all(torch.equal(r["reference"][k], start[k].float()) for k in start), "the reference moved"
+        assert r["means_error"] <= 1e-5

@@ -4,10 +4,11 @@
 # each with its own limit cut to what is left of GPU_CHECK_SECONDS (default 540); a step that no longer
 # fits is skipped and said so. Wheels gathered by tools/gpu_kit.sh (.whl/) are installed first.
 #
-#   grpo_ref_cuda, grpo_ref_cpu  MAR-H GRPO step split and peak GPU memory, the frozen reference moved to
-#                                the GPU per use or kept on the CPU (the difference is what the CPU saves)
+#   grpo_ref_resident, grpo_ref_offload  MAR-H GRPO step split and peak GPU memory, the frozen reference's
+#                                ZeRO-3 partitions resident on the GPU or offloaded to CPU memory (the
+#                                difference is what the offload saves, and what it costs in time)
 #   tests                        python -m pytest gpu_tests (FlexAttention backward, flex vs sdpa in the
-#                                model, bf16 vs fp32, GRPO on the GPU with the reference on the CPU)
+#                                model, bf16 vs fp32, GRPO on the GPU, the reference engine on the GPU)
 #   attention                    tools/bench_attention.py at MAR-H's decoder shapes
 #   train                        tools/bench_train.py, MAR-H, one GPU, ZeRO-2 bf16
 #
@@ -31,18 +32,18 @@ cat "$out/machine.log"
 
 grpo=(tools/bench_grpo.py --model mar_huge --batch_size 1 --group_size 4 --num_iter 64 --rl_step_ratio 0.125
       --reward frcnn --steps 1 --warmup 1)
-declare -A limit=([grpo_ref_cuda]=150 [grpo_ref_cpu]=240 [tests]=180 [attention]=60 [train]=120)
+declare -A limit=([grpo_ref_resident]=150 [grpo_ref_offload]=240 [tests]=180 [attention]=60 [train]=120)
 set_command() {  # cmd=(the command of step $1)
   case $1 in
-    grpo_ref_cuda) cmd=(python3 "${grpo[@]}" --ref_device cuda) ;;
-    grpo_ref_cpu) cmd=(python3 "${grpo[@]}" --ref_device cpu) ;;
+    grpo_ref_resident) cmd=(python3 "${grpo[@]}" --no-ref_offload) ;;
+    grpo_ref_offload) cmd=(python3 "${grpo[@]}" --ref_offload) ;;
     tests) cmd=(python3 -m pytest -q -p no:cacheprovider gpu_tests) ;;
     attention) cmd=(python3 tools/bench_attention.py) ;;
     train) cmd=(python3 tools/bench_train.py --model mar_huge --batch_size 32 --steps 10 --warmup 3) ;;
   esac
 }
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(grpo_ref_cuda grpo_ref_cpu tests attention train)
+[ ${#steps[@]} -eq 0 ] && steps=(grpo_ref_resident grpo_ref_offload tests attention train)
 for name in "${steps[@]}"; do
   if [ -z "${limit[$name]:-}" ]; then echo "gpu_check: unknown step $name (known: ${!limit[*]})" >&2; exit 2; fi
 done
