@@ -142,7 +142,7 @@ PRESETS: dict[str, dict] = {
     # images/s and sampling at a fraction of a second per image on 2 cores. The hard bias with null slots
     # penalised and a +4 bonus on the covering layout tokens is what makes a few hundred steps put content
     # inside the boxes, and the noise shift 4 (= the 4-pixel patch side: a flat patch repeats each colour 16
-    # times) what makes the head take the colour from the backbone (README)
+    # times) what makes the head take the colour from the backbone (docs/demo.md)
     "small": dict(width=128, encoder_depth=2, decoder_depth=2, num_heads=4, diffusion_depth=3, diffusion_width=128,
                   diffusion_batch_mul=1, num_sampling_steps=25, attn_dropout=0.0, proj_dropout=0.0, buffer_size=24,
                   layout_bias="hard", bias_null_slots=True, layout_bias_bonus=4.0, noise_shift=4.0),

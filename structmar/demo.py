@@ -43,7 +43,7 @@ class DemoConfig:
     preset: str = "small"
     batch_size: int = 64
     # most of the budget goes to stage 2, the only stage that trains everything with the layout: stage 2's
-    # colour-correct share was 0.40 after 250 + 120 + 200 steps (lr 2e-3), 0.95 after 100 + 50 + 400 (README)
+    # colour-correct share was 0.40 after 250 + 120 + 200 steps (lr 2e-3), 0.95 after 100 + 50 + 400 (docs/demo.md)
     stage0_steps: int = 100
     stage1_steps: int = 50
     stage2_steps: int = 400

@@ -123,7 +123,7 @@ def centre_pooled(model, tokenizer, texts) -> None:
     mean per-dimension standard deviation of 1 (in place).
 
     A random-init CLIP's end-of-text states share one dominant direction: Shapes' 12 tags have a mean cosine
-    of 0.91, and a model trained for minutes barely reads their colour from what is left (README, demo). The
+    of 0.91, and a model trained for minutes barely reads their colour from what is left (docs/demo.md). The
     affine is the model's own (the directory keeps CLIP's format): one shift and one scale for every token
     state, so differences between features are only scaled; what moves is the common offset.
     """

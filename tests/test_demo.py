@@ -75,7 +75,7 @@ def test_the_demo_puts_objects_in_their_boxes(tmp_path):
     """The embedded default at its real size (~10 minutes): after stage 2, layout AP50 on 128 val layouts is at
     least 10x chance (the same metric on real images of mismatched layouts) and at least 0.02, and at least
     stage 1's minus noise; GRPO does not lower it beyond noise (noise: 2 bootstrap standard errors of the
-    difference). The figures are what the stages achieve, recorded in the README, not tuned to this test."""
+    difference). The figures are what the stages achieve, recorded in docs/demo.md, not tuned to this test."""
     run_demo(DemoConfig(out=str(tmp_path / "demo")))
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
     assert all(results[name]["num_layouts"] == 128 for name in STAGES)

@@ -1,5 +1,5 @@
-"""One GRPO arm from the demo's stage 2 and its held-out layout fidelity: the experiment behind the README's
-GRPO tables, so an arm is one command and its row is comparable with the others.
+"""One GRPO arm from the demo's stage 2 and its held-out layout fidelity: the experiment behind
+docs/grpo_shapes.md's tables, so an arm is one command and its row is comparable with the others.
 
 It runs `structmar rl` (through `grpo.run_rl`) from `DEMO/stage2_full` (or `--start`) on the demo's shards
 with the recipe below, any `structmar rl` flag overridden with `--set name=value` (`--set device=cuda` on a GPU),
