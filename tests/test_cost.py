@@ -103,16 +103,25 @@ def test_reference_partition_scales_with_world_size_and_leaves_the_gpu_little():
 
 def test_stage3_time_is_every_flop_on_the_gpu():
     """The reference computes on the policy's GPU: its forward is priced at the GPU's rate, no CPU term."""
-    slow, fast = (cost.stage_cost("tiny", 3, world=2, gpu_tflops=t) for t in (100.0, 200.0))
+    slow = cost.stage_cost("tiny", 3, world=2, gpu_tflops=100.0)
+    fast = dataclasses.replace(slow, gpu_tflops=200.0)
     assert slow.flops_per_image["reference forward"] > 0
     flops = slow.step_images * sum(slow.flops_per_image.values())
     assert slow.step_seconds == pytest.approx(flops / (100e12 * slow.mfu))
     assert fast.step_seconds == pytest.approx(slow.step_seconds / 2)
     gathered, h2d = slow.reference_traffic
     assert gathered == slow.ref_gathers * 2 * slow.params.total > 0 and h2d == gathered / 2
-    resident = cost.stage_cost("tiny", 3, world=2, recipe=dataclasses.replace(cost.RECIPE[3], ref_offload=False))
+    resident = dataclasses.replace(slow, recipe=dataclasses.replace(slow.recipe, ref_offload=False))
     assert resident.reference_traffic == (gathered, 0.0)
     assert resident.memory(2)["reference"] > slow.memory(2)["reference"]
+
+
+def test_grad_accum_in_training_keeps_memory_and_images_per_epoch():
+    one = cost.stage_cost("tiny", 1, world=2)
+    four = cost.stage_cost("tiny", 1, world=2, recipe=dataclasses.replace(cost.RECIPE[1], grad_accum=4))
+    assert four.memory(2) == one.memory(2)
+    assert four.step_seconds == pytest.approx(4 * one.step_seconds)
+    assert four.stage_seconds == pytest.approx(one.stage_seconds, rel=1e-3)
 
 
 def test_check_boxes_skips_value_checks_on_meta_only():

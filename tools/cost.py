@@ -393,6 +393,7 @@ class StageCost:
     attention_share: float  # of the activations: SDPA math path's attention probabilities
     activations_source: str
     step_images: int  # images (rollouts in stage 3) per GPU per optimizer step
+    live_images: int  # of those, the images whose activations are alive together (one micro-batch's)
     steps: int  # optimizer steps of the stage
     gpu_tflops: float
     mfu: float
@@ -400,7 +401,7 @@ class StageCost:
 
     def memory(self, zero: int) -> dict[str, float]:
         m = model_states_bytes(self.params, zero, self.world)
-        m["activations"] = self.activations_per_image * self.step_images
+        m["activations"] = self.activations_per_image * self.live_images
         if self.stage == 3:
             m["reference"] = sum(self.reference[0].values())
         return m
@@ -440,7 +441,7 @@ def stage_cost(preset: str, stage: int, world: int = 8, recipe: Recipe | None = 
         c = count_training(model, mean_mask_ratio(cfg.mask_ratio_min))
         flops = {"training forward+backward": c.flops_with(ckpt)}
         acts, attn = c.activations(ckpt), c.attention(ckpt)
-        step_images = recipe.batch_size
+        step_images, live_images = recipe.batch_size * recipe.grad_accum, recipe.batch_size
         steps = math.ceil(images * recipe.epochs / (world * recipe.batch_size * recipe.grad_accum))
     else:
         guided = 2 if recipe.cfg != 1.0 else 1
@@ -458,13 +459,16 @@ def stage_cost(preset: str, stage: int, world: int = 8, recipe: Recipe | None = 
         passes = guided * ar_steps / recipe.grad_accum  # per rollout image, alive until one backward
         acts = upd_bb.activations(ckpt, passes) + upd_head.activations(ckpt, passes * head_steps / L / ar_steps)
         attn = upd_bb.attention(ckpt, passes)
-        step_images = recipe.batch_size * recipe.group_size
+        # --grad_accum chunks the AR steps of one rollout (GRPOObjective's ar_chunks): one rollout per step,
+        # a chunk's graphs alive at a time (in acts)
+        step_images = live_images = recipe.batch_size * recipe.group_size
+        # and the step's other grad_accum - 1 batches of layouts go unused: an epoch holds 1/grad_accum the rollouts
         steps = math.ceil(images * recipe.epochs / (world * recipe.batch_size * recipe.grad_accum))
     source = "counted (autograd's saved tensors at real shapes, bf16, meta device)"
     if activations_gb_per_image is not None:
         acts, attn, source = activations_gb_per_image * GB, 0.0, "given (--activations_gb_per_image)"
     return StageCost(preset, stage, world, recipe, params, flops, acts, attn / max(acts, 1), source, step_images,
-                     steps, gpu_tflops, mfu, ar_steps)
+                     live_images, steps, gpu_tflops, mfu, ar_steps)
 
 
 # ---- printing ---------------------------------------------------------------------------------------
