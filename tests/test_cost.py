@@ -77,7 +77,7 @@ def test_mask_ratio_mean_matches_sampler():
 
 def test_zero3_memory_shrinks_with_world_size_as_deepspeed_says():
     params = cost.Params(backbone=900_000_000, additions=100_000_000, head=0, trainable=1_000_000_000,
-                         largest_layer=5_000_000)
+                         largest_layer=5_000_000, persistent=0, own=0)
     mem = {w: cost.model_states_bytes(params, 3, w) for w in (1, 8, 64)}
     for w, m in mem.items():
         assert m["deepspeed"] == 4 * params.largest_layer + int(18 * params.trainable / w)
@@ -87,6 +87,41 @@ def test_zero3_memory_shrinks_with_world_size_as_deepspeed_says():
     assert z2["deepspeed"] == 2 * params.trainable + int(18 * params.trainable / 8)
     frozen = dataclasses.replace(params, trainable=100_000_000)
     assert cost.model_states_bytes(frozen, 2, 8)["frozen"] == 2 * 900_000_000
+
+
+def test_reference_partition_scales_with_world_size_and_leaves_the_gpu_little():
+    params = cost.param_counts(cost.build("mar_huge", 3))
+    assert 0 < params.persistent < 0.01 * params.total and 0 < params.own < 0.01 * params.total
+    for world in (1, 8, 64):
+        gpu, host = cost.reference_bytes(params, world, offload=True)
+        assert host == 2 * params.total / world
+        assert "partition" not in gpu and sum(gpu.values()) < 0.1 * 2 * params.total
+        resident, no_host = cost.reference_bytes(params, world, offload=False)
+        assert no_host == 0 and resident["partition"] == host
+        assert sum(resident.values()) == pytest.approx(sum(gpu.values()) + host)
+
+
+def test_stage3_time_is_every_flop_on_the_gpu():
+    """The reference computes on the policy's GPU: its forward is priced at the GPU's rate, no CPU term."""
+    slow = cost.stage_cost("tiny", 3, world=2, gpu_tflops=100.0)
+    fast = dataclasses.replace(slow, gpu_tflops=200.0)
+    assert slow.flops_per_image["reference forward"] > 0
+    flops = slow.step_images * sum(slow.flops_per_image.values())
+    assert slow.step_seconds == pytest.approx(flops / (100e12 * slow.mfu))
+    assert fast.step_seconds == pytest.approx(slow.step_seconds / 2)
+    gathered, h2d = slow.reference_traffic
+    assert gathered == slow.ref_gathers * 2 * slow.params.total > 0 and h2d == gathered / 2
+    resident = dataclasses.replace(slow, recipe=dataclasses.replace(slow.recipe, ref_offload=False))
+    assert resident.reference_traffic == (gathered, 0.0)
+    assert resident.memory(2)["reference"] > slow.memory(2)["reference"]
+
+
+def test_grad_accum_in_training_keeps_memory_and_images_per_epoch():
+    one = cost.stage_cost("tiny", 1, world=2)
+    four = cost.stage_cost("tiny", 1, world=2, recipe=dataclasses.replace(cost.RECIPE[1], grad_accum=4))
+    assert four.memory(2) == one.memory(2)
+    assert four.step_seconds == pytest.approx(4 * one.step_seconds)
+    assert four.stage_seconds == pytest.approx(one.stage_seconds, rel=1e-3)
 
 
 def test_check_boxes_skips_value_checks_on_meta_only():
@@ -104,6 +139,6 @@ def test_cli_prints_every_section(stage, capsys):
     for section in ("-- parameters", "-- FLOPs per image", "-- memory per GPU", "ZeRO-1:", "ZeRO-2:", "ZeRO-3:",
                     "-- time at 989 TFLOPS", "steps for"):
         assert section in out
-    assert ("reference (CPU)" in out) == (stage == 3)
+    assert ("reference forward" in out) == (stage == 3) == ("-- the reference" in out)
     cost.main(["--preset", "tiny", "--stage", str(stage), "--activations_gb_per_image", "2.5"])
     assert "2.50 GB per image, given" in capsys.readouterr().out

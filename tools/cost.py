@@ -20,8 +20,8 @@ every op is per image) and covers matmuls and attention (what FlopCounterMode co
 - the update (stage 3): at rl_step_ratio x num_iter AR steps a backbone pass with gradient, and at
   diffusion_step_ratio of each generated token's denoising steps with noise (all but the last) the
   head's mean, forward + backward (the head is frozen unless --train_head: input gradients only).
-- the reference: the same transitions' forward, in fp32 on the CPU (`--ref_device cpu`, today's
-  default), at --ref_cpu_tflops.
+- the reference: the same transitions' forward (no backward), in the policy's bf16 on the policy's GPU
+  (a never-stepped ZeRO-3 engine whose layers are gathered onto the GPU one at a time).
 Not counted: the VAE decode and the reward detector of a rollout (estimated ~1 TFLOP per image together, under
 1% of a mar_huge rollout), element-wise ops, the optimizer step, communication.
 
@@ -35,10 +35,15 @@ checkpointed blocks, their inputs, and the largest block's own saved tensors (re
 in backward). Attention runs SDPA's math path on the meta device, which saves the (H, N, N)
 probabilities that fused GPU kernels do not: that share is printed separately. --activations_gb_per_image
 replaces the count. Stage 3 keeps the graph of every selected AR step of a chunk (--grad_accum chunks)
-alive until the backward: rollouts per GPU x selected steps x one pass's activations.
+alive until the backward: rollouts per GPU x selected steps x one pass's activations. Stage 3's reference
+(bf16, ZeRO-3) holds on the GPU the module being gathered, DeepSpeed's prefetch bucket, the persistent
+parameters (<= 1e4 elements each) and StructMAR's own parameters (gathered for the whole call), and with
+--no-ref_offload its partition; on the host (pinned) its partition, 2 bytes x parameters / world size.
 
-Time = FLOPs / (GPUs x bf16 peak x MFU); stage 3 adds the reference's FLOPs at --ref_cpu_tflops per rank
-(it runs between the rollout and the update, blocking the GPU).
+Time = FLOPs / (GPUs x bf16 peak x MFU), the reference's forward included. The reference's traffic is an
+estimate, printed apart and not added: each selected AR step's forward gathers every layer (2 bytes x
+parameters onto every GPU), of which each rank's own share (1/world size) crosses from its host when
+offloaded.
 """
 
 from __future__ import annotations
@@ -62,11 +67,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from structmar import model as model_module  # noqa: E402
 from structmar.config import model_config  # noqa: E402
+from structmar.engine import PERSISTENCE_THRESHOLD  # noqa: E402
 from structmar.model import StructMAR, is_addition, mask_by_order, parameter_counts, sample_orders  # noqa: E402
 
 GB = 1e9
 COCO_TRAIN_IMAGES = 82_783  # COCO 2014 train
 H100_BF16_TFLOPS = 989.0  # dense
+PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default (elements), which frozen_engine keeps
 STAGE_NAMES = {1: "text_layout (backbone frozen)", 2: "full", 3: "GRPO"}
 
 
@@ -86,6 +93,7 @@ class Recipe:
     diffusion_step_ratio: float = 1.0
     grad_accum: int = 1
     train_head: bool = False
+    ref_offload: bool = True  # stage 3: the reference's partition in pinned host memory (else on the GPU)
 
 
 RECIPE = {
@@ -320,6 +328,8 @@ class Params:
     head: int
     trainable: int
     largest_layer: int  # DeepSpeed's ZeRO-3 estimator input: the largest module's own parameters
+    persistent: int  # in parameters of <= PERSISTENCE_THRESHOLD elements: whole on every rank under ZeRO-3
+    own: int  # StructMAR's own (not a submodule's) larger parameters: gathered for the reference's whole call
 
     @property
     def total(self) -> int:
@@ -331,7 +341,9 @@ def param_counts(model: StructMAR) -> Params:
     head = sum(p.numel() for p in model.diffloss.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return Params(mar - head, additions, head, trainable, largest)
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() <= PERSISTENCE_THRESHOLD)
+    own = sum(p.numel() for p in model.parameters(recurse=False) if p.numel() > PERSISTENCE_THRESHOLD)
+    return Params(mar - head, additions, head, trainable, largest, persistent, own)
 
 
 def model_states_bytes(params: Params, zero: int, world: int, gpus_per_node: int = 8) -> dict[str, float]:
@@ -358,6 +370,17 @@ def model_states_bytes(params: Params, zero: int, world: int, gpus_per_node: int
     return {"deepspeed": gpu, "frozen": 2 * frozen, "ema": 4 * params.total}
 
 
+def reference_bytes(params: Params, world: int, offload: bool) -> tuple[dict[str, float], float]:
+    """The stage-3 reference (bf16 ZeRO-3 engine, never stepped): its bytes per GPU by part, and its pinned
+    host bytes per rank."""
+    partition = 2 * params.total / world
+    gpu = {"gathered module": 2 * params.largest_layer, "prefetch": 2 * min(PREFETCH_BUCKET, params.total),
+           "persistent + StructMAR's own": 2 * (params.persistent + params.own)}
+    if not offload:
+        gpu["partition"] = partition
+    return gpu, partition if offload else 0.0
+
+
 @dataclass
 class StageCost:
     preset: str
@@ -370,39 +393,42 @@ class StageCost:
     attention_share: float  # of the activations: SDPA math path's attention probabilities
     activations_source: str
     step_images: int  # images (rollouts in stage 3) per GPU per optimizer step
+    live_images: int  # of those, the images whose activations are alive together (one micro-batch's)
     steps: int  # optimizer steps of the stage
     gpu_tflops: float
     mfu: float
-    ref_cpu_tflops: float
-
-    @property
-    def gpu_flops_per_image(self) -> float:
-        return sum(v for k, v in self.flops_per_image.items() if k != "reference (CPU)")
+    ref_gathers: int = 0  # stage 3: the reference's passes per step that gather every layer (its AR steps)
 
     def memory(self, zero: int) -> dict[str, float]:
         m = model_states_bytes(self.params, zero, self.world)
-        m["activations"] = self.activations_per_image * self.step_images
+        m["activations"] = self.activations_per_image * self.live_images
+        if self.stage == 3:
+            m["reference"] = sum(self.reference[0].values())
         return m
 
     @property
+    def reference(self) -> tuple[dict[str, float], float]:
+        """reference_bytes at this stage's world size and offload."""
+        return reference_bytes(self.params, self.world, self.recipe.ref_offload)
+
+    @property
+    def reference_traffic(self) -> tuple[float, float]:
+        """Estimated bytes per step onto each GPU for the reference: gathered (all of every layer at each
+        of its AR steps) and of that, host-to-device (the rank's own partition when offloaded)."""
+        gathered = self.ref_gathers * 2 * self.params.total
+        return gathered, gathered / self.world if self.recipe.ref_offload else 0.0
+
+    @property
     def step_seconds(self) -> float:
-        gpu = self.step_images * self.gpu_flops_per_image / (self.gpu_tflops * 1e12 * self.mfu)
-        cpu = self.step_images * self.flops_per_image.get("reference (CPU)", 0.0) / (self.ref_cpu_tflops * 1e12)
-        return gpu + cpu
+        return self.step_images * sum(self.flops_per_image.values()) / (self.gpu_tflops * 1e12 * self.mfu)
 
     @property
     def stage_seconds(self) -> float:
         return self.steps * self.step_seconds
 
-    @property
-    def step_seconds_gpu_reference(self) -> float:
-        """The step with the reference's forward on the GPU at the same MFU (a GPU-resident reference)."""
-        flops = self.step_images * sum(self.flops_per_image.values())
-        return flops / (self.gpu_tflops * 1e12 * self.mfu)
-
 
 def stage_cost(preset: str, stage: int, world: int = 8, recipe: Recipe | None = None, images: int = COCO_TRAIN_IMAGES,
-               gpu_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4, ref_cpu_tflops: float = 1.0,
+               gpu_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4,
                activations_gb_per_image: float | None = None) -> StageCost:
     recipe = recipe or RECIPE[stage]
     model = build(preset, stage, train_head=recipe.train_head)
@@ -410,11 +436,12 @@ def stage_cost(preset: str, stage: int, world: int = 8, recipe: Recipe | None = 
     params = param_counts(model)
     ckpt = recipe.grad_checkpointing
     L = cfg.seq_len
+    ar_steps = 0
     if stage in (1, 2):
         c = count_training(model, mean_mask_ratio(cfg.mask_ratio_min))
         flops = {"training forward+backward": c.flops_with(ckpt)}
         acts, attn = c.activations(ckpt), c.attention(ckpt)
-        step_images = recipe.batch_size
+        step_images, live_images = recipe.batch_size * recipe.grad_accum, recipe.batch_size
         steps = math.ceil(images * recipe.epochs / (world * recipe.batch_size * recipe.grad_accum))
     else:
         guided = 2 if recipe.cfg != 1.0 else 1
@@ -428,17 +455,20 @@ def stage_cost(preset: str, stage: int, world: int = 8, recipe: Recipe | None = 
         rollout = guided * (recipe.num_iter * roll_bb.flops + denoise * roll_head.flops)
         reference = guided * (ar_steps * roll_bb.flops + head_steps / L * roll_head.flops)
         update = guided * (ar_steps * upd_bb.flops_with(ckpt) + head_steps / L * upd_head.flops_with(ckpt))
-        flops = {"rollout": rollout, "update forward+backward": update, "reference (CPU)": reference}
+        flops = {"rollout": rollout, "update forward+backward": update, "reference forward": reference}
         passes = guided * ar_steps / recipe.grad_accum  # per rollout image, alive until one backward
         acts = upd_bb.activations(ckpt, passes) + upd_head.activations(ckpt, passes * head_steps / L / ar_steps)
         attn = upd_bb.attention(ckpt, passes)
-        step_images = recipe.batch_size * recipe.group_size
+        # --grad_accum chunks the AR steps of one rollout (GRPOObjective's ar_chunks): one rollout per step,
+        # a chunk's graphs alive at a time (in acts)
+        step_images = live_images = recipe.batch_size * recipe.group_size
+        # and the step's other grad_accum - 1 batches of layouts go unused: an epoch holds 1/grad_accum the rollouts
         steps = math.ceil(images * recipe.epochs / (world * recipe.batch_size * recipe.grad_accum))
     source = "counted (autograd's saved tensors at real shapes, bf16, meta device)"
     if activations_gb_per_image is not None:
         acts, attn, source = activations_gb_per_image * GB, 0.0, "given (--activations_gb_per_image)"
     return StageCost(preset, stage, world, recipe, params, flops, acts, attn / max(acts, 1), source, step_images,
-                     steps, gpu_tflops, mfu, ref_cpu_tflops)
+                     live_images, steps, gpu_tflops, mfu, ar_steps)
 
 
 # ---- printing ---------------------------------------------------------------------------------------
@@ -472,35 +502,38 @@ def report(c: StageCost) -> str:
         mark = "  <- the recipe's" if zero == r.zero else ""
         lines.append(f"ZeRO-{zero}: {sum(m.values()) / GB:.1f} GB ({parts}){mark}")
     if c.stage == 3:
-        lines.append(f"host RAM: the fp32 reference, {4 * p.total / GB:.1f} GB per rank")
-    lines.append(f"-- time at {c.gpu_tflops:.0f} TFLOPS bf16 x MFU {c.mfu:.0%}"
-                 + (f", reference on the CPU at {c.ref_cpu_tflops} TFLOPS per rank" if c.stage == 3 else ""))
+        gpu, host = c.reference
+        where = "offloaded (--ref_offload)" if r.ref_offload else "resident (--no-ref_offload)"
+        lines.append(f"-- the reference: bf16 ZeRO-3 engine over {c.world} ranks, {where}")
+        lines.append(f"GPU: {sum(gpu.values()) / 1e6:.0f} MB ("
+                     + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in gpu.items()) + f"); pinned host: {host / GB:.2f} GB "
+                     f"per rank ({host * min(c.world, 8) / GB:.1f} GB a node of {min(c.world, 8)})")
+        gathered, h2d = c.reference_traffic
+        lines.append(f"traffic per step (estimate: {c.ref_gathers} AR steps, each gathering every layer): "
+                     f"{gathered / GB:.0f} GB gathered onto each GPU, {h2d / GB:.1f} GB of it host-to-device per GPU")
+    lines.append(f"-- time at {c.gpu_tflops:.0f} TFLOPS bf16 x MFU {c.mfu:.0%}")
     lines.append(f"step ({c.step_images} {'rollouts' if c.stage == 3 else 'images'} per GPU): "
                  f"{hours(c.step_seconds)}; {c.steps} steps for {r.epochs:g} epochs: {hours(c.stage_seconds)}")
-    if c.stage == 3:
-        lines.append(f"with the reference computed on the GPU: step {hours(c.step_seconds_gpu_reference)}, "
-                     f"stage {hours(c.steps * c.step_seconds_gpu_reference)}")
     return "\n".join(lines)
-
-
-def gpu_ref(c: StageCost, steps: int = 1) -> str:
-    return f" ({hours(steps * c.step_seconds_gpu_reference)} ref. on GPU)" if c.stage == 3 else ""
 
 
 def table(world: int = 8, **kwargs) -> str:
     rows = ["| preset | stage | params (trainable) | TFLOP / image | memory / GPU: total = states + activations "
-            "(of which H x N x N) | step | stage |",
+            "(of which H x N x N) [+ reference] | step | stage |",
             "|---|---|---|---|---|---|---|"]
     for preset in ("mar_base", "mar_large", "mar_huge"):
         for stage in (1, 2, 3):
             c = stage_cost(preset, stage, world, **kwargs)
             mem = c.memory(c.recipe.zero)
             fl = " + ".join(f"{v / 1e12:.1f}" for v in c.flops_per_image.values())
+            ref = mem.pop("reference", None)
+            states = sum(mem.values()) - mem["activations"]
+            total = sum(mem.values()) + (ref or 0.0)
             rows.append(f"| {preset} | {stage} | {c.params.total / 1e6:.0f}M ({c.params.trainable / 1e6:.0f}M) | "
-                        f"{fl} | {sum(mem.values()) / GB:.1f} GB (ZeRO-{c.recipe.zero}) = "
-                        f"{(sum(mem.values()) - mem['activations']) / GB:.1f} + {mem['activations'] / GB:.1f} "
-                        f"({c.attention_share * mem['activations'] / GB:.1f}) | {hours(c.step_seconds)}{gpu_ref(c)} | "
-                        f"{hours(c.stage_seconds)}{gpu_ref(c, c.steps)} |")
+                        f"{fl} | {total / GB:.1f} GB (ZeRO-{c.recipe.zero}) = {states / GB:.1f} + "
+                        f"{mem['activations'] / GB:.1f} ({c.attention_share * mem['activations'] / GB:.1f})"
+                        + (f" + {ref / GB:.2f}" if ref is not None else "")
+                        + f" | {hours(c.step_seconds)} | {hours(c.stage_seconds)} |")
     return "\n".join(rows)
 
 
@@ -607,15 +640,15 @@ def main(argv=None) -> None:
     p.add_argument("--group_size", type=int)
     p.add_argument("--grad_accum", type=int)
     p.add_argument("--train_head", action=argparse.BooleanOptionalAction)
+    p.add_argument("--ref_offload", action=argparse.BooleanOptionalAction,
+                   help="stage 3: the reference's partition in pinned host memory (default) or on the GPU")
     p.add_argument("--gpu_tflops", type=float, default=H100_BF16_TFLOPS, help="bf16 peak per GPU (H100: 989 dense)")
     p.add_argument("--mfu", type=float, default=0.4)
-    p.add_argument("--ref_cpu_tflops", type=float, default=1.0,
-                   help="fp32 throughput of one rank's CPU threads for the reference (stage 3)")
     p.add_argument("--activations_gb_per_image", type=float, help="replace the counted activations")
     p.add_argument("--table", action="store_true", help="mar_base/large/huge x stages 1-3 as a markdown table")
     p.add_argument("--check_cpu", action="store_true", help="measure a mar_base step on this CPU against the model")
     a = p.parse_args(argv)
-    common = dict(gpu_tflops=a.gpu_tflops, mfu=a.mfu, ref_cpu_tflops=a.ref_cpu_tflops)
+    common = dict(gpu_tflops=a.gpu_tflops, mfu=a.mfu)
     if a.table:
         print(table(a.world_size, images=a.images, **common))
         return
