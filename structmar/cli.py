@@ -89,11 +89,13 @@ def _add_knobs(p, group, defaults) -> None:
         if f.metadata["choices"]:
             spec["choices"] = f.metadata["choices"]
         if kind is bool:
-            spec["action"] = argparse.BooleanOptionalAction
+            spec["action"] = argparse.BooleanOptionalAction  # it appends the default to the help itself
         elif typing.get_origin(kind) is tuple:
             spec.update(nargs=len(typing.get_args(kind)), type=typing.get_args(kind)[0])
         else:  # X or X | None
             spec["type"] = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        if kind is not bool and "default" not in spec["help"]:
+            spec["help"] += " (default: %(default)s)"
         p.add_argument(f"--{f.name}", **spec)
 
 

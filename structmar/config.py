@@ -396,7 +396,8 @@ class GRPOConfig:
     """
 
     group_size: int = knob(4, "rollouts per layout (advantage group)")
-    num_iter: int = knob(256, f"AR steps per rollout ({_PAPER}; sampling defaults to {SamplingConfig.num_iter})")
+    num_iter: int = knob(256, f"AR steps per rollout (default: %(default)s, {_PAPER}; sampling's is "
+                              f"{SamplingConfig.num_iter})")
     rl_step_ratio: float = knob(1.0, "share of the AR steps whose transitions are recomputed with gradient")
     diffusion_step_ratio: float = knob(1.0, "share of each selected AR step's denoising steps recomputed")
     rollout_steps: int | None = knob(None, "diffusion steps per token in rollouts (default: the model's "
