@@ -119,7 +119,8 @@ def _add_stage_flags(p, d) -> None:
                         "evaluation scores, instead of its raw ones")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--deepspeed_config", default=d.deepspeed_config,
-                   help="ZeRO json (ds_configs/): ZeRO and communication knobs only")
+                   help="ZeRO json: a packaged one (zero2, zero3, zero3_offload) or a path; ZeRO and communication "
+                        "knobs only")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
     p.add_argument("--seed", type=int, default=d.seed)

@@ -1,8 +1,8 @@
 """Parallelism applied from outside: process group, DeepSpeed engine, EMA, checkpoints, logging.
 
 This is the only module that imports deepspeed; the model never sees ranks or devices. One `Engine`
-wraps a DeepSpeed engine built from a ZeRO json (ds_configs/) whose batch, lr and precision entries
-are filled here from the CLI, so no "auto" value ever reaches DeepSpeed.
+wraps a DeepSpeed engine built from a ZeRO json (one of ds_configs/ in the package, or the user's) whose batch,
+lr and precision entries are filled here from the CLI, so no "auto" value ever reaches DeepSpeed.
 
 Checkpoint layout of a run (`<output_dir>/checkpoints/`):
     <tag>/                DeepSpeed's files (module, optimizer partitions) plus
@@ -38,6 +38,9 @@ UNIVERSAL_SUFFIX = "_universal"
 # Keys the engine fills from the CLI; a ZeRO json must not set them.
 _CLI_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OPTIMIZER_KEYS = ("optimizer", "gradient_clipping")  # the stage config's (OptimizerConfig)
+# what _fill_launcher_env and init_distributed may set in os.environ
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")  # the packaged ZeRO jsons
 
 
 # ---- process group --------------------------------------------------------------------------
@@ -108,6 +111,27 @@ def init_distributed(device: str) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
 
 
+@contextlib.contextmanager
+def process_group_scope():
+    """Leave the process as it was: a process group that `init_distributed` forms inside is destroyed on the
+    way out, and the variables it set (RANK, MASTER_PORT, ...) are put back, so a process that trained in-process
+    can train again or start a launcher (whose ranks would inherit the port this process held)."""
+    saved = {name: os.environ.get(name) for name in _LAUNCHER_VARIABLES}
+    formed_here = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if formed_here and dist.is_initialized():
+            import deepspeed
+
+            deepspeed.comm.destroy_process_group()  # torch's group and DeepSpeed's references to it
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def shm_workspace(rank: int) -> str:
     """The /dev/shm path of `rank`'s DeepSpeed shared-memory allreduce workspace in this process group."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
@@ -160,6 +184,22 @@ def _find_auto(node, path="") -> str | None:
     return None
 
 
+def packaged_ds_configs() -> list[str]:
+    """The names of the ZeRO jsons shipped in the package (zero2, zero3, ...)."""
+    return sorted(name.removesuffix(".json") for name in os.listdir(DS_CONFIGS) if name.endswith(".json"))
+
+
+def resolve_ds_config(name: str) -> str:
+    """The path of ZeRO json `name`: the file at that path, else the packaged one so named ("zero2", "zero2.json")."""
+    if os.path.isfile(name):
+        return name
+    packaged = os.path.join(DS_CONFIGS, name if name.endswith(".json") else name + ".json")
+    if os.path.basename(name) == name and os.path.isfile(packaged):
+        return packaged
+    raise FileNotFoundError(f"DeepSpeed config {name} does not exist; name a packaged one "
+                            f"({', '.join(packaged_ds_configs())}) or a json file")
+
+
 def build_ds_config(
     path: str,
     *,
@@ -171,10 +211,9 @@ def build_ds_config(
     precision: str,
     load_universal: bool = False,
 ) -> dict:
-    """The ZeRO json at `path` completed with the batch sizes, the optimizer (AdamW: lr, betas, eps, weight
-    decay; gradient clipping) and precision the CLI decided."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    """The ZeRO json `path` (see `resolve_ds_config`) completed with the batch sizes, the optimizer (AdamW: lr,
+    betas, eps, weight decay; gradient clipping) and precision the CLI decided."""
+    path = resolve_ds_config(path)
     with open(path) as f:
         cfg = json.load(f)
     hit = _find_auto(cfg)
