@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from structmar.atomic import SaveError
+
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
         rc = args.func(args)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
+    except (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            SaveError) as e:
         print(f"structmar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

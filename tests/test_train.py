@@ -352,3 +352,44 @@ def test_in_process_train_from_any_directory_leaves_the_process_as_it_found_it(d
     proc = launch(2, ["structmar", *_cli_flags(data, tmp_path / "launched")], cwd=cwd, module=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "launched" / CHECKPOINTS / LATEST).read_text() == "step_00000001"
+
+
+def test_a_save_that_fails_part_way_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
+    """A full disk while checkpoint step 4 is half-written (DeepSpeed's files are in, this rank's state is
+    not): one line naming the checkpoint directory and the intact step 2, which `latest` still names, and the
+    same command again continues from step 2 with the losses the failed run had."""
+    import errno
+    import os
+
+    from structmar import atomic
+    from structmar.cli import main
+
+    out = tmp_path / "run"
+    flags = [*_cli_flags(data, out), "--max_steps", "4", "--save_steps", "2"]
+    torch_save = atomic.torch_save
+
+    def disk_full_at_step_4(obj, path):
+        if "step_00000004" in path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        torch_save(obj, path)
+
+    monkeypatch.setattr(atomic, "torch_save", disk_full_at_step_4)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    checkpoints = out / CHECKPOINTS
+    assert "Traceback" not in err  # the rest of stderr is torch's warnings
+    [err] = [line for line in err.splitlines() if line.startswith("structmar: error: ")]
+    assert err.startswith("structmar: error: checkpoint step_00000004 "), err
+    assert f"in {checkpoints} was not completed (" in err and "No space left on device" in err
+    assert "the previous checkpoint step_00000002 is intact and `latest` names it" in err
+    assert (checkpoints / LATEST).read_text() == "step_00000002"
+    assert any((checkpoints / "step_00000004").iterdir())  # half-written, never named by `latest`
+    assert not (checkpoints / "step_00000004" / TRAINER_STATE).exists()
+    failed = _log_losses(out)
+
+    monkeypatch.setattr(atomic, "torch_save", torch_save)
+    assert main(flags) == 0
+    assert "continuing" in capsys.readouterr().out
+    assert (checkpoints / LATEST).read_text() == "step_00000004"
+    resumed = _log_losses(out)
+    assert [resumed[s] for s in (3, 4)] == [failed[s] for s in (3, 4)]
