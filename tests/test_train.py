@@ -327,8 +327,8 @@ def _cli_flags(data: Path, out: Path) -> list[str]:
 def test_in_process_train_from_any_directory_leaves_the_process_as_it_found_it(data, tmp_path, monkeypatch, launch):
     """`structmar train` in this process, twice, from an empty directory with the default (packaged) ZeRO config:
     each run leaves the environment, signal handlers and process group as before, so both form a world of
-    their own with the same losses, and a launcher started from this process afterwards runs (its ranks once
-    inherited RANK and the MASTER_PORT this process held: EADDRINUSE)."""
+    their own with the same losses, and processes started from this process afterwards run: a plain one (it
+    once inherited RANK and the MASTER_PORT this process held: EADDRINUSE) and the deepspeed launcher's."""
     import os
     import signal
 
@@ -349,6 +349,9 @@ def test_in_process_train_from_any_directory_leaves_the_process_as_it_found_it(d
         assert not dist.is_initialized()
     assert _log_losses(tmp_path / "first") == _log_losses(tmp_path / "second")
     assert list(cwd.iterdir()) == []
+    proc = launch(0, ["-m", "structmar", *_cli_flags(data, tmp_path / "second"), "--max_steps", "2"], cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "second" / CHECKPOINTS / LATEST).read_text() == "step_00000002"
     proc = launch(2, ["structmar", *_cli_flags(data, tmp_path / "launched")], cwd=cwd, module=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "launched" / CHECKPOINTS / LATEST).read_text() == "step_00000001"
