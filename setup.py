@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Training system for StructMAR, a layout-to-image masked autoregressive model",
     packages=find_packages(include=["structmar", "structmar.*"]),
+    package_data={"structmar": ["ds_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",

@@ -11,6 +11,10 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 
+class SaveError(OSError):
+    """A save of several files (a checkpoint) failed part-way; the message says what is intact."""
+
+
 def write_path(path: str, write: Callable[[str], object]) -> None:
     """Call `write(tmp)` with a temp path in `path`'s directory, then move the file to `path` atomically.
 

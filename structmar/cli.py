@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from structmar.atomic import SaveError
+
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
@@ -121,7 +123,8 @@ def _add_stage_flags(p, d) -> None:
                         "evaluation scores, instead of its raw ones")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--deepspeed_config", default=d.deepspeed_config,
-                   help="ZeRO json (ds_configs/): ZeRO and communication knobs only")
+                   help="ZeRO json: a packaged one (zero2, zero3, zero3_offload) or a path; ZeRO and communication "
+                        "knobs only")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
     p.add_argument("--seed", type=int, default=d.seed)
@@ -361,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.local_rank is not None:
             os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
         rc = args.func(args)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
+    except (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            SaveError) as e:
         print(f"structmar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

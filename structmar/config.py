@@ -256,7 +256,7 @@ class StageConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     ema_rate: float = 0.9999
     grad_checkpointing: bool = False
-    deepspeed_config: str = "ds_configs/zero2.json"  # ZeRO and communication knobs only
+    deepspeed_config: str = "zero2"  # a packaged ZeRO json (zero2, zero3, zero3_offload) or a path to one
     precision: str = "bf16"  # bf16 (fp32 master weights and gradient accumulation) or fp32
     device: str = "cuda"
     seed: int = 1

@@ -150,10 +150,9 @@ def run_demo(demo: DemoConfig) -> str:
     if demo.threads:
         torch.set_num_threads(demo.threads)
     os.makedirs(demo.out, exist_ok=True)
-    repo_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
     paths = dict(shapes=os.path.join(demo.out, "shapes"), shards=os.path.join(demo.out, "shards"),
                  clip=demo.clip_path or os.path.join(demo.out, "clip-random-vit-b32"),
-                 ds_config=os.path.join(repo_configs, "zero2.json"))
+                 ds_config="zero2")
     started, timings = time.time(), {}
 
     t = time.time()

@@ -1,15 +1,15 @@
 """Parallelism applied from outside: process group, DeepSpeed engine, EMA, checkpoints, logging.
 
 This is the only module that imports deepspeed; the model never sees ranks or devices. One `Engine`
-wraps a DeepSpeed engine built from a ZeRO json (ds_configs/) whose batch, lr and precision entries
-are filled here from the CLI, so no "auto" value ever reaches DeepSpeed.
+wraps a DeepSpeed engine built from a ZeRO json (one of ds_configs/ in the package, or the user's) whose batch,
+lr and precision entries are filled here from the CLI, so no "auto" value ever reaches DeepSpeed.
 
 Checkpoint layout of a run (`<output_dir>/checkpoints/`):
     <tag>/                DeepSpeed's files (module, optimizer partitions) plus
     <tag>/trainer_state.json         step, epoch, world size, ZeRO stage, TrainConfig, ModelConfig
     <tag>/rank_<r>.pt                this rank's RNG states, data position and EMA (shard)
     latest                the tag of the newest complete checkpoint, replaced atomically last
-A kill during a save leaves `latest` naming the previous, complete tag.
+A kill during a save, or a save that fails (a full disk), leaves `latest` naming the previous, complete tag.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ UNIVERSAL_SUFFIX = "_universal"
 # Keys the engine fills from the CLI; a ZeRO json must not set them.
 _CLI_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OPTIMIZER_KEYS = ("optimizer", "gradient_clipping")  # the stage config's (OptimizerConfig)
+# what _fill_launcher_env and init_distributed may set in os.environ
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_configs")  # the packaged ZeRO jsons
 
 
 # ---- process group --------------------------------------------------------------------------
@@ -67,6 +70,10 @@ def _first_slurm_host(nodelist: str) -> str:
         return m.group(1) + (m.group(2) or "")
 
 
+def _in_srun_step(env) -> bool:
+    return "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env
+
+
 def _fill_launcher_env(env) -> None:
     """Give torch.distributed its RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* under srun or a plain process.
 
@@ -75,7 +82,7 @@ def _fill_launcher_env(env) -> None:
     """
     if "RANK" in env:
         return
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # inside an srun step
+    if _in_srun_step(env):
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
@@ -106,6 +113,28 @@ def init_distributed(device: str) -> DistEnv:
             _release_shm_workspace()
     torch_device = torch.device("cpu") if device == "cpu" else torch.device("cuda", local_rank)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
+
+
+@contextlib.contextmanager
+def process_group_scope():
+    """Leave a process without a launcher as it was: the world that `init_distributed` forms inside is destroyed
+    on the way out and the variables it set (RANK, MASTER_PORT, ...) are put back, so the process can train
+    again or start a launcher (whose ranks would inherit the port this process held). Under a launcher (the
+    deepspeed launcher, torchrun, srun) the process group is the job's and stays for what the process does next."""
+    saved = {name: os.environ.get(name) for name in _LAUNCHER_VARIABLES}
+    formed_here = not dist.is_initialized() and "RANK" not in os.environ and not _in_srun_step(os.environ)
+    try:
+        yield
+    finally:
+        if formed_here and dist.is_initialized():
+            import deepspeed
+
+            deepspeed.comm.destroy_process_group()  # torch's group and DeepSpeed's references to it
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def shm_workspace(rank: int) -> str:
@@ -160,6 +189,22 @@ def _find_auto(node, path="") -> str | None:
     return None
 
 
+def packaged_ds_configs() -> list[str]:
+    """The names of the ZeRO jsons shipped in the package (zero2, zero3, ...)."""
+    return sorted(name.removesuffix(".json") for name in os.listdir(DS_CONFIGS) if name.endswith(".json"))
+
+
+def resolve_ds_config(name: str) -> str:
+    """The path of ZeRO json `name`: the file at that path, else the packaged one so named ("zero2", "zero2.json")."""
+    if os.path.isfile(name):
+        return name
+    packaged = os.path.join(DS_CONFIGS, name if name.endswith(".json") else name + ".json")
+    if os.path.basename(name) == name and os.path.isfile(packaged):
+        return packaged
+    raise FileNotFoundError(f"DeepSpeed config {name} does not exist; name a packaged one "
+                            f"({', '.join(packaged_ds_configs())}) or a json file")
+
+
 def build_ds_config(
     path: str,
     *,
@@ -171,10 +216,9 @@ def build_ds_config(
     precision: str,
     load_universal: bool = False,
 ) -> dict:
-    """The ZeRO json at `path` completed with the batch sizes, the optimizer (AdamW: lr, betas, eps, weight
-    decay; gradient clipping) and precision the CLI decided."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    """The ZeRO json `path` (see `resolve_ds_config`) completed with the batch sizes, the optimizer (AdamW: lr,
+    betas, eps, weight decay; gradient clipping) and precision the CLI decided."""
+    path = resolve_ds_config(path)
     with open(path) as f:
         cfg = json.load(f)
     hit = _find_auto(cfg)
@@ -398,22 +442,33 @@ class Engine:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, run_dir: str, tag: str, trainer_state: dict, rank_state: dict, keep: int) -> None:
-        """Write checkpoint `tag` under <run_dir>/checkpoints and point `latest` at it. Every rank calls it."""
+        """Write checkpoint `tag` under <run_dir>/checkpoints and point `latest` at it. Every rank calls it.
+
+        A save that fails part-way (a full disk, a rank that died) raises atomic.SaveError, one line saying that
+        `latest` still names the previous checkpoint; the half-written tag stays until a save of that tag again."""
         ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
         tag_dir = os.path.join(ckpt_dir, tag)
-        self.ds.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
-        self._sync_ema()
-        own = dict(rank_state)
-        if self.sharded or self.env.is_main:  # ZeRO-0/1/2: the EMA is identical on every rank
-            own["ema"] = {n: t.cpu() for n, t in self.ema.items()}
-            own["ema_layout"] = "partition" if self.sharded else "full"
-        atomic.torch_save(own, os.path.join(tag_dir, f"rank_{self.env.rank:05d}.pt"))
+        previous = latest_checkpoint(run_dir)
+        try:
+            self.ds.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+            self._sync_ema()
+            own = dict(rank_state)
+            if self.sharded or self.env.is_main:  # ZeRO-0/1/2: the EMA is identical on every rank
+                own["ema"] = {n: t.cpu() for n, t in self.ema.items()}
+                own["ema_layout"] = "partition" if self.sharded else "full"
+            atomic.torch_save(own, os.path.join(tag_dir, f"rank_{self.env.rank:05d}.pt"))
+            if self.env.is_main:
+                state = dict(trainer_state, world_size=self.env.world_size, zero_stage=self.zero_stage, tag=tag)
+                atomic.write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(state, indent=1))
+            barrier()
+            if self.env.is_main:
+                atomic.write_text(os.path.join(ckpt_dir, LATEST), tag)
+        except (OSError, RuntimeError) as e:  # torch.save and gloo report a full disk or a lost peer as RuntimeError
+            intact = (f"the previous checkpoint {previous[0]} is intact and `latest` names it: rerun the command to "
+                      "continue from it" if previous else "the run has no earlier checkpoint")
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise atomic.SaveError(f"checkpoint {tag} in {ckpt_dir} was not completed ({reason}); {intact}") from e
         if self.env.is_main:
-            state = dict(trainer_state, world_size=self.env.world_size, zero_stage=self.zero_stage, tag=tag)
-            atomic.write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps(state, indent=1))
-        barrier()
-        if self.env.is_main:
-            atomic.write_text(os.path.join(ckpt_dir, LATEST), tag)
             _prune(ckpt_dir, keep, current=tag)
         barrier()
 

@@ -518,11 +518,13 @@ def train(cfg: StageConfig, objective: Objective,
           on_step: Callable[[eng.Engine, int, eng.StepResult], None] | None = None) -> Summary:
     """Run one stage: minimise `objective` (stages 1-2: `SupervisedObjective`, stage 3: `structmar.grpo`).
     `build_model` (default StructMAR) and `on_step` are hooks for tests and tools. SIGTERM/SIGUSR1 during
-    the run save a checkpoint at the next step boundary and return (Summary.preempted)."""
+    the run save a checkpoint at the next step boundary and return (Summary.preempted). The process's signal
+    handlers, launcher variables and process group are as train() found them when it returns or raises."""
     stop = _StopFlag()
     stop.install()
     try:
-        return _train(cfg, objective, build_model or StructMAR, on_step, stop)
+        with eng.process_group_scope():
+            return _train(cfg, objective, build_model or StructMAR, on_step, stop)
     finally:
         stop.restore()
 

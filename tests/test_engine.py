@@ -64,7 +64,7 @@ def test_ds_config_rejects(tmp_path, cfg, match):
 @pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
 def test_shipped_ds_configs(name, stage):
     """The shipped jsons hold ZeRO and communication knobs; the optimizer is MAR's, from the stage config."""
-    path = str(REPO / "ds_configs" / f"{name}.json")
+    path = os.path.join(engine.DS_CONFIGS, f"{name}.json")
     saved = json.loads(json.dumps(TrainConfig().to_dict()))["optimizer"]  # as train_config.json keeps it
     cfg = _build(path, micro_batch=64, world_size=8, lr=1e-4, optimizer=OptimizerConfig(**saved), precision="bf16")
     assert cfg["zero_optimization"]["stage"] == stage
@@ -75,6 +75,29 @@ def test_shipped_ds_configs(name, stage):
     assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["bf16"]["enabled"]
     with open(path) as f:
         assert set(json.load(f)) == {"zero_optimization", "wall_clock_breakdown"}
+
+
+def test_ds_config_names_a_packaged_json_or_a_path_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ds_configs/ here
+    assert engine.packaged_ds_configs() == ["zero2", "zero3", "zero3_offload"]
+    packaged = os.path.join(engine.DS_CONFIGS, "zero3.json")
+    assert engine.resolve_ds_config("zero3") == engine.resolve_ds_config("zero3.json") == packaged
+    assert engine.resolve_ds_config(TrainConfig().deepspeed_config) == os.path.join(engine.DS_CONFIGS, "zero2.json")
+    (tmp_path / "zero3.json").write_text("{}")  # a file of that path is the user's, never shadowed
+    assert engine.resolve_ds_config("zero3.json") == "zero3.json"
+    for missing in ("zero4", "configs/zero2.json"):
+        with pytest.raises(FileNotFoundError, match=f"^DeepSpeed config {missing} does not exist; name a packaged "
+                                                    r"one \(zero2, zero3, zero3_offload\) or a json file$"):
+            engine.resolve_ds_config(missing)
+
+
+def test_a_non_editable_install_ships_the_ds_configs(tmp_path):
+    """setup.py's package data: what `pip install .` copies into site-packages (setuptools' build_py)."""
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped = sorted(p.name for p in (tmp_path / "structmar" / "ds_configs").iterdir())
+    assert shipped == [f"{name}.json" for name in engine.packaged_ds_configs()]
 
 
 def test_launcher_environments(monkeypatch):
@@ -226,7 +249,7 @@ def test_engine_step_skip_ema_and_export_in_one_process(tmp_path):
     """One plain process (no launcher): world of one, ZeRO-2, fp32 then bf16 on CPU."""
     script = tmp_path / "step.py"
     script.write_text(_STEP_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(REPO / "ds_configs" / "zero2.json")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script), "zero2"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])

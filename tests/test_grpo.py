@@ -757,10 +757,7 @@ def _rl_log(out) -> dict[int, dict[str, float]]:
 
 
 def _rl_run_args(root, out, *extra):
-    from pathlib import Path
-
-    zero2 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
-    return _rl_args(root, out, "--detector", "shapes", "--sample_every", "0", "--deepspeed_config", str(zero2),
+    return _rl_args(root, out, "--detector", "shapes", "--sample_every", "0", "--deepspeed_config", "zero2",
                     "--rl_step_ratio", "0.5", "--diffusion_step_ratio", "0.5", "--kl_coef", "0.5", *extra)[1:]
 
 

@@ -137,7 +137,7 @@ def test_train_sbatch_checkpoints_requeues_and_resumes(tmp_path, tiny_run_inputs
                SLURM_FAKE_CALLS=str(calls), SLURM_JOB_ID="4242", SLURM_JOB_NAME="structmar-train", SLURM_NTASKS="2",
                SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=str(_free_port()),
                OMP_NUM_THREADS="1", OUTPUT_DIR=str(out), STAGE="full",
-               RESUME=str(data / "init.safetensors"), DS_CONFIG=str(REPO / "ds_configs" / "zero2.json"),
+               RESUME=str(data / "init.safetensors"), DS_CONFIG="zero2",
                STRUCTMAR=f"{sys.executable} -m structmar")
     flags = ["--data", str(data / "shards"), "--device", "cpu", "--precision", "fp32", "--batch_size", "2",
              "--epochs", "1000", "--max_steps", "60", "--warmup_epochs", "0", "--lr", "1e-3", "--num_workers", "0",

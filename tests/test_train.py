@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from structmar.cli import build_parser
 from structmar.config import TrainConfig, model_config
-from structmar.engine import CHECKPOINTS, LATEST, TRAINER_STATE
+from structmar.engine import CHECKPOINTS, DS_CONFIGS, LATEST, TRAINER_STATE
 from structmar.model import StructMAR, is_addition, read_weights, write_export
 from structmar.shards import ShardLoader
 from structmar.train import EXPORT, LOG, Objective, Start, SupervisedObjective, plan_start, resolve_model_config
@@ -154,7 +154,7 @@ def data(pixel_shards) -> Path:
     write_export(str(root / "init.safetensors"), sd, sd, MODEL)
     # the shipped ZeRO-3 config keeps parameters under 1e5 elements whole (all of the tiny model's); partition
     # every parameter here so the EMA shards and the universal checkpoint see real partitions
-    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    zero3 = json.loads((Path(DS_CONFIGS) / "zero3.json").read_text())
     zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (root / "ds_zero3.json").write_text(json.dumps(zero3))
     return root
@@ -252,7 +252,7 @@ def test_resume_two_ranks_on_one_plain_process(data, zero3_run, zero2_run, stage
 def zero2_run(data, launch):
     """ZeRO-2 on 2 ranks: a NaN loss on rank 1 at its 3rd forward, SIGTERM to rank 0 after step 6."""
     out = data / "zero2"
-    spec = _spec(data, out, deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), max_steps=10, sample_every=3,
+    spec = _spec(data, out, deepspeed_config="zero2", max_steps=10, sample_every=3,
                  hooks=dict(nan_at=[3], nan_ranks=[1], sigterm_at=6, summary=str(data / "zero2_summary.json"),
                             ema_reference=str(data / "zero2_ema.json")))
     proc = _drive(launch, 2, spec, data, "zero2")
@@ -283,7 +283,7 @@ def test_zero2_skips_nonfinite_steps_and_saves_on_sigterm(data, zero2_run, init_
 @pytest.mark.slow
 def test_text_layout_freezes_mar_weights_and_aborts_after_k_nonfinite(data, launch):
     out = data / "stage1"
-    spec = _spec(data, out, deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), train_mode="text_layout",
+    spec = _spec(data, out, deepspeed_config="zero2", train_mode="text_layout",
                  save_steps=2, max_nonfinite=3, hooks=dict(nan_at=[5, 6, 7]))
     proc = _drive(launch, 0, spec, data, "stage1")
     assert proc.returncode != 0
@@ -305,11 +305,94 @@ def test_init_ema_starts_a_stage_from_the_resume_files_ema_weights(data, launch)
            for k, v in init.model.items()}
     write_export(str(data / "init_ema.safetensors"), init.model, ema, MODEL)
     out = data / "stage1_ema"
-    spec = _spec(data, out, resume=str(data / "init_ema.safetensors"), deepspeed_config=str(REPO / "ds_configs" /
-                 "zero2.json"), train_mode="text_layout", max_steps=2, init_ema=True)
+    spec = _spec(data, out, resume=str(data / "init_ema.safetensors"), deepspeed_config="zero2",
+                 train_mode="text_layout", max_steps=2, init_ema=True)
     proc = _drive(launch, 0, spec, data, "stage1_ema")
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = read_weights(str(out / EXPORT))
     frozen = [n for n in init.model if not is_addition(n)]
     assert all(torch.equal(export.model[n], ema[n]) for n in frozen)  # the frozen backbone is the EMA's
     assert not any(torch.equal(export.model[n], init.model[n]) for n in frozen if init.model[n].is_floating_point())
+
+
+def _cli_flags(data: Path, out: Path) -> list[str]:
+    """`structmar train` flags for 1 fp32 CPU step on the tiny shards, with the default --deepspeed_config."""
+    return ["train", "--output_dir", str(out), "--data", str(data / "shards"), "--resume",
+            str(data / "init.safetensors"), "--batch_size", "2", "--epochs", "1", "--max_steps", "1",
+            "--warmup_epochs", "0", "--lr", "1e-3", "--device", "cpu", "--precision", "fp32", "--num_workers", "0",
+            "--sample_every", "0", "--log_every", "1"]
+
+
+@pytest.mark.slow
+def test_in_process_train_from_any_directory_leaves_the_process_as_it_found_it(data, tmp_path, monkeypatch, launch):
+    """`structmar train` in this process, twice, from an empty directory with the default (packaged) ZeRO config:
+    each run leaves the environment, signal handlers and process group as before, so both form a world of
+    their own with the same losses, and processes started from this process afterwards run: a plain one (it
+    once inherited RANK and the MASTER_PORT this process held: EADDRINUSE) and the deepspeed launcher's."""
+    import os
+    import signal
+
+    import deepspeed  # noqa: F401 - importing it sets PYTORCH_NVML_BASED_CUDA_CHECK, once per process
+    import torch.distributed as dist
+
+    from structmar.cli import main
+
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    environ = dict(os.environ)
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
+    for run in ("first", "second"):
+        assert main(_cli_flags(data, tmp_path / run)) == 0
+        assert dict(os.environ) == environ
+        assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
+        assert not dist.is_initialized()
+    assert _log_losses(tmp_path / "first") == _log_losses(tmp_path / "second")
+    assert list(cwd.iterdir()) == []
+    proc = launch(0, ["-m", "structmar", *_cli_flags(data, tmp_path / "second"), "--max_steps", "2"], cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "second" / CHECKPOINTS / LATEST).read_text() == "step_00000002"
+    proc = launch(2, ["structmar", *_cli_flags(data, tmp_path / "launched")], cwd=cwd, module=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "launched" / CHECKPOINTS / LATEST).read_text() == "step_00000001"
+
+
+def test_a_save_that_fails_part_way_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
+    """A full disk while checkpoint step 4 is half-written (DeepSpeed's files are in, this rank's state is
+    not): one line naming the checkpoint directory and the intact step 2, which `latest` still names, and the
+    same command again continues from step 2 with the losses the failed run had."""
+    import errno
+    import os
+
+    from structmar import atomic
+    from structmar.cli import main
+
+    out = tmp_path / "run"
+    flags = [*_cli_flags(data, out), "--max_steps", "4", "--save_steps", "2"]
+    torch_save = atomic.torch_save
+
+    def disk_full_at_step_4(obj, path):
+        if "step_00000004" in path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        torch_save(obj, path)
+
+    monkeypatch.setattr(atomic, "torch_save", disk_full_at_step_4)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    checkpoints = out / CHECKPOINTS
+    assert "Traceback" not in err  # the rest of stderr is torch's warnings
+    [err] = [line for line in err.splitlines() if line.startswith("structmar: error: ")]
+    assert err.startswith("structmar: error: checkpoint step_00000004 "), err
+    assert f"in {checkpoints} was not completed (" in err and "No space left on device" in err
+    assert "the previous checkpoint step_00000002 is intact and `latest` names it" in err
+    assert (checkpoints / LATEST).read_text() == "step_00000002"
+    assert any((checkpoints / "step_00000004").iterdir())  # half-written, never named by `latest`
+    assert not (checkpoints / "step_00000004" / TRAINER_STATE).exists()
+    failed = _log_losses(out)
+
+    monkeypatch.setattr(atomic, "torch_save", torch_save)
+    assert main(flags) == 0
+    assert "continuing" in capsys.readouterr().out
+    assert (checkpoints / LATEST).read_text() == "step_00000004"
+    resumed = _log_losses(out)
+    assert [resumed[s] for s in (3, 4)] == [failed[s] for s in (3, 4)]

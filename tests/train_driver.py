@@ -58,7 +58,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     summary = train(cfg, SupervisedObjective(cfg.train_mode), build_model=InjectingStructMAR, on_step=on_step)
-    if int(os.environ["RANK"]) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:  # a plain process (a world of one) has no RANK after train()
         return
     if hooks.get("summary"):
         with open(hooks["summary"], "w") as f:

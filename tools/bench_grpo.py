@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     d = GRPOConfig
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    p.add_argument("--deepspeed_config", default="zero2")
     p.add_argument("--batch_size", type=int, default=4, help="layouts per rank per step")
     p.add_argument("--group_size", type=int, default=d.group_size)
     p.add_argument("--num_iter", type=int, default=8, help="AR steps per rollout")

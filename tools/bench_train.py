@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--structure", default="on", choices=("on", "off"), help="StructMAR additions on or off")
-    p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    p.add_argument("--deepspeed_config", default="zero2")
     p.add_argument("--batch_size", type=int, default=16, help="per rank")
     p.add_argument("--num_boxes", type=int, default=8)
     p.add_argument("--text_length", type=int, default=77)

@@ -102,8 +102,7 @@ def main() -> None:
         how = "" if args.start else f": run bash tools/demo.sh {args.demo} first"
         raise SystemExit(f"{start} is missing{how}")
     demo = DemoConfig(out=args.demo, seed=args.seed)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = dict(shards=os.path.join(args.demo, "shards"), ds_config=os.path.join(repo, "ds_configs", "zero2.json"))
+    paths = dict(shards=os.path.join(args.demo, "shards"), ds_config="zero2")
     flags = {**train_args(demo, paths, args.run_dir, args.steps, model=demo.preset, resume=start, init_ema=True),
              "log_every": 1, **RECIPE, **dict(args.set)}
     cfg = RLConfig.from_flags(flags)
