@@ -56,7 +56,7 @@ import torch
 from structmar import engine as eng
 from structmar.config import CREDITS, REWARD_SCALES, SIGMA_MODES, GRPOConfig
 from structmar.diffusion import DenoisingTrace, DiffLoss, Schedule, gaussian_log_prob
-from structmar.model import StructMAR, patchify, sample_orders, unpatchify
+from structmar.model import StructMAR, patchify, sample_orders, unpatchify, weights_file
 from structmar.sample import ARStep, sample_latents
 
 RewardFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -674,20 +674,6 @@ def gradient_signal_share(estimates: list[torch.Tensor], per_coordinate: bool = 
 # ---- stage 3 as an objective of the training loop ----------------------------------------------------
 
 
-def resolve_weights_path(resume: str) -> str:
-    """A weights file, or a run directory's stage export."""
-    from structmar.train import EXPORT
-
-    if os.path.isdir(resume):
-        path = os.path.join(resume, EXPORT)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume {resume} is a directory without {EXPORT} (not a structmar run?)")
-        return path
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume} does not exist")
-    return resume
-
-
 class GRPOStage:
     """Stage 3 as an objective of the training loop (`structmar.train.Objective`): which parameters train,
     the GRPO loss, and its state.
@@ -726,7 +712,7 @@ class GRPOStage:
 
         c = self.cfg
         tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=c.vae_path, pixel_patch=model_cfg.pixel_patch)
-        path = os.path.abspath(resolve_weights_path(c.resume))
+        path = os.path.abspath(weights_file(c.resume))
         self.model_cfg = model_cfg
         reference = self._reference(read_weights(path).select(ema=c.init_ema))
         self.reference_source = {"path": path, "sha256": reference.digest()}
@@ -781,7 +767,7 @@ def build_stage(cfg) -> GRPOStage:
     from structmar.shards import read_manifest
 
     cfg.validate()
-    resolve_weights_path(cfg.resume)
+    weights_file(cfg.resume)
     categories = None
     if cfg.detector != "shapes":
         manifest = read_manifest(cfg.shard_dir, cfg.coco_split)

@@ -32,7 +32,16 @@ import torch
 from structmar import atomic
 from structmar import engine as eng
 from structmar.config import TRAIN_MODES, ModelConfig, StageConfig, TrainConfig
-from structmar.model import EXPORT, StructMAR, Weights, is_addition, load_weights, read_weights, write_export
+from structmar.model import (
+    EXPORT,
+    StructMAR,
+    Weights,
+    is_addition,
+    load_weights,
+    read_weights,
+    weights_file,
+    write_export,
+)
 
 if TYPE_CHECKING:
     from structmar.shards import ShardLoader
@@ -59,18 +68,13 @@ class Start:
 def plan_start(cfg: StageConfig) -> Start:
     own = eng.latest_checkpoint(cfg.output_dir)
     resume = cfg.resume
-    if resume and os.path.isdir(resume):
-        if os.path.realpath(resume) in (os.path.realpath(cfg.output_dir),
-                                        os.path.realpath(os.path.join(cfg.output_dir, eng.CHECKPOINTS))):
-            if own is None:
-                raise FileNotFoundError(f"--resume {resume} is this run's output_dir but holds no checkpoint")
-            return Start(own[0], own[1])
-        export = os.path.join(resume, EXPORT)
-        if not os.path.isfile(export):
-            raise FileNotFoundError(f"--resume {resume} is a directory without {EXPORT} (not a structmar run?)")
-        resume = export
-    elif resume and not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume} does not exist")
+    this_run = (os.path.realpath(cfg.output_dir), os.path.realpath(os.path.join(cfg.output_dir, eng.CHECKPOINTS)))
+    if resume and os.path.isdir(resume) and os.path.realpath(resume) in this_run:
+        if own is None:
+            raise FileNotFoundError(f"--resume {resume} is this run's output_dir but holds no checkpoint")
+        return Start(own[0], own[1])
+    if resume:
+        resume = weights_file(resume)
     if own is not None:
         # a preempted run restarts with its original command line: its own checkpoint wins
         return Start(own[0], own[1])
