@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from structmar.config import GRPOConfig, RLConfig, model_config
+from structmar.engine import process_group_scope
 from structmar.grpo import (
     BOX_REWARDS,
     GRPOObjective,
@@ -616,9 +617,10 @@ def test_rl_flags_reach_the_grpo_objective(tmp_path):
     model = make_model()
     init = tmp_path / "init.safetensors"
     write_export(str(init), model.state_dict(), model.state_dict(), model.cfg)
-    stage = GRPOStage(config("--grad_accum", "2", "--group_size", "3", resume=str(init)),
+    stage = GRPOStage(config("--grad_accum", "2", "--group_size", "3", "--device", "cpu", resume=str(init)),
                       reward_fn=colour_reward((1.0, 0.0, 0.0)))
-    stage.prepare(model.cfg, seed=0)
+    with process_group_scope():  # the reference engine joins a world of one, taken down again after
+        stage.prepare(model.cfg, seed=0)
     assert stage.objective.s is stage.cfg.grpo and stage.objective.s.group_size == 3
     assert stage.objective.ar_chunks == 2
 
