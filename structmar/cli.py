@@ -343,6 +343,29 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_app(sub) -> None:
+    from structmar.config import AppConfig
+
+    p = sub.add_parser("app", help="a page in the browser: draw boxes, tag them, type a caption, get images",
+                       description="Serves a Gradio page (pip install 'structmar[app]') sampling the model as "
+                                   "`structmar sample` does; its layouts export as `structmar sample` specs.")
+    _add_knobs(p, AppConfig, AppConfig())
+
+    def run(args):
+        import dataclasses
+
+        from structmar.app import serve
+
+        try:
+            serve(AppConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AppConfig)}))
+        except ModuleNotFoundError as e:
+            if e.name not in ("gradio", "gradio_image_annotation"):
+                raise
+            raise UserError(f"structmar app needs {e.name}: pip install 'structmar[app]'") from None
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="structmar", description="StructMAR layout-to-image training system")
     # the deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is set from it)
@@ -355,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_eval(sub)
     _add_rl(sub)
+    _add_app(sub)
     return parser
 
 

@@ -502,3 +502,39 @@ class RLConfig(StageConfig):
         if not self.resume:
             raise ValueError("--resume is required: GRPO starts from a trained model (and keeps it as the reference)")
         return self
+
+
+# ---- the app: a page to draw layouts and sample them ------------------------------------------------------
+
+
+@dataclass
+class AppConfig:
+    """What `structmar app` serves and the bounds of one request; each field is one flag of its name."""
+
+    checkpoint: str | None = knob(None, "a stage export (checkpoint-last.safetensors) or its run directory; required, "
+                                                "no default")
+    host: str = knob("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                                  "network, without authentication)")
+    port: int = knob(7860, "port to listen on")
+    clip_path: str | None = knob(None, "the CLIP directory the model's shards were built with (default: the one "
+                                       "`structmar sample` loads)")
+    vae_path: str | None = knob(None, "MAR's kl16.ckpt (kl16 models only)")
+    device: str = knob("auto", "auto (cuda if available, else cpu), cpu, cuda:N")
+    categories: str | None = knob(None, "a shard directory whose category names the tag menu offers (a tag may "
+                                        "also be free text)")
+    max_images: int = knob(8, "images one request may ask for (sampled as one batch)")
+    max_num_iter: int = knob(64, "autoregressive steps one request may ask for")
+    max_text: int = knob(200, "characters of a caption or a tag")
+    canvas: int = knob(512, "side of the square drawing canvas in pixels (boxes are stored normalised)")
+
+    def validate(self) -> AppConfig:
+        if not self.checkpoint:
+            raise ValueError("--checkpoint is required: a stage export or its run directory")
+        for name in ("max_images", "max_num_iter", "max_text"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 64 <= self.canvas <= 2048:
+            raise ValueError(f"canvas must lie in [64, 2048], got {self.canvas}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must lie in [0, 65535], got {self.port}")
+        return self

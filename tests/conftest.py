@@ -24,6 +24,32 @@ def pixel_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """Writes a random tiny StructMAR export (pixel tokenizer, 32 px) whose EMA differs from its raw weights, and the
+    tiny random CLIP it reads: tiny_export(name, max_objects=4) -> dict(dir, clip, path), the export at
+    dir/checkpoint-last.safetensors (so dir is also a run directory)."""
+    import torch
+
+    from structmar.config import model_config
+    from structmar.model import EXPORT, StructMAR, write_export
+    from structmar.text import write_random_clip
+
+    def build(name: str, max_objects: int = 4):
+        d = tmp_path_factory.mktemp(name)
+        clip = write_random_clip(str(d / "clip"), seed=0, size="tiny")
+        cfg = model_config("tiny", text_dim=32, num_sampling_steps=4, max_objects=max_objects)
+        torch.manual_seed(0)
+        model = StructMAR(cfg)
+        ema = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in model.state_dict().items()}
+        path = str(d / EXPORT)
+        write_export(path, model.state_dict(), ema, cfg, {"step": 0})
+        return dict(dir=d, clip=clip, path=path)
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def launch():
     """Runs a command as one plain process (ranks 0) or under `deepspeed --num_gpus <ranks>` (gloo on CPU):
     launch(ranks, args, cwd, module=False, timeout=300, env=None) -> CompletedProcess. With `module`, the

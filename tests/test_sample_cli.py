@@ -9,8 +9,6 @@ import torch
 from PIL import Image
 
 from structmar.cli import main
-from structmar.config import model_config
-from structmar.model import StructMAR, write_export
 from structmar.sample import condition_batch, parse_layout_spec, read_layout_spec
 from structmar.text import write_random_clip
 
@@ -90,19 +88,12 @@ def test_spec_file_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
+def export(tiny_export):
     """A random tiny StructMAR export (pixel tokenizer, 32 px) whose EMA differs from its raw weights."""
-    d = tmp_path_factory.mktemp("sample")
-    clip = write_random_clip(str(d / "clip"), seed=0, size="tiny")
-    cfg = model_config("tiny", text_dim=32, num_sampling_steps=4, max_objects=4)
-    torch.manual_seed(0)
-    model = StructMAR(cfg)
-    ema = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    path = str(d / "checkpoint-last.safetensors")
-    write_export(path, model.state_dict(), ema, cfg, {"step": 0})
-    spec = d / "layout.json"
+    made = tiny_export("sample")
+    spec = made["dir"] / "layout.json"
     spec.write_text(json.dumps(GOOD))
-    return dict(dir=d, clip=clip, path=path, spec=str(spec))
+    return dict(made, spec=str(spec))
 
 
 def _sample(export, out, *extra):
