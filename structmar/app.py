@@ -8,7 +8,8 @@ sampled by the command the page shows, gives the same images. Gradio and gradio_
 `app` extra (`pip install structmar[app]`).
 
 Safety: it listens on 127.0.0.1 unless told otherwise and makes no share link; the canvas is the app's own blank
-image, and no path sent from the browser is read (a layout is imported as JSON text); each request is bounded
+image (the handlers take only its boxes) and a layout is imported as JSON text, so no path sent from the browser
+is read (Gradio itself serves and accepts files only from its own cache); each request is bounded
 (boxes, text length, images, AR steps) and refused with its reason in the page; one request samples at a time
 (Gradio's queue), so concurrent users wait instead of running the model out of memory.
 """
@@ -16,6 +17,7 @@ image, and no path sent from the browser is read (a layout is imported as JSON t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -299,7 +301,9 @@ def serve(app: AppConfig) -> None:
     from structmar.sampler import load_sampler, resolve_device
 
     app.validate()
-    _gradio()  # a missing extra is reported before the model loads
+    missing = [name for name in ("gradio", "gradio_image_annotation") if importlib.util.find_spec(name) is None]
+    if missing:  # said before the model loads; importing Gradio itself takes seconds, so it waits for that
+        raise ValueError(f"structmar app needs {' and '.join(missing)}: pip install 'structmar[app]'")
     categories = read_categories(app.categories)
     given = {k: getattr(app, k) for k in ("clip_path", "vae_path") if getattr(app, k) is not None}
     gen = load_sampler(app.checkpoint, device=resolve_device(app.device), **given)

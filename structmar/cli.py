@@ -356,12 +356,7 @@ def _add_app(sub) -> None:
 
         from structmar.app import serve
 
-        try:
-            serve(AppConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AppConfig)}))
-        except ModuleNotFoundError as e:
-            if e.name not in ("gradio", "gradio_image_annotation"):
-                raise
-            raise UserError(f"structmar app needs {e.name}: pip install 'structmar[app]'") from None
+        serve(AppConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AppConfig)}))
 
     p.set_defaults(func=run)
 

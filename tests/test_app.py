@@ -141,6 +141,8 @@ def test_app_command_errors_are_one_line(capsys):
 
 # ---- the page in a real browser ------------------------------------------------------------------------
 
+# the README's picture of the page: STRUCTMAR_APP_SCREENSHOT=docs/app.png pytest tests/test_app.py -k browser
+SCREENSHOT = os.environ.get("STRUCTMAR_APP_SCREENSHOT")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -236,6 +238,8 @@ def test_the_page_in_a_browser(run_dir, tmp_path):
             assert _gallery(page, "images") == [[32, 32]] * 3
             assert _gallery(page, "overlays") == [[256, 256]] * 3
             assert "--num_iter 4" in page.input_value("#command textarea")
+            if SCREENSHOT:
+                page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
 
             page.click("text=Layout spec")
             page.click("#export")
@@ -255,14 +259,11 @@ def test_the_page_in_a_browser(run_dir, tmp_path):
             page.get_by_label("number input for Images").press("Tab")
             assert "Generated 2 images" in _generate(page, "Generated 2")
             assert _gallery(page, "images") == [[32, 32]] * 2
-
-            shot = tmp_path / "app.png"
-            page.screenshot(path=str(shot), full_page=True)
             browser.close()
     finally:
         page_app.close()
     assert hosts == {f"127.0.0.1:{app.port}"}  # nothing loaded from anywhere else: the page works offline
-    picture = Image.open(shot).convert("RGB")
-    picture = picture.resize((960, round(picture.height * 960 / picture.width)), Image.LANCZOS)
-    target = os.environ.get("STRUCTMAR_APP_SCREENSHOT")  # the README's picture: docs/app.png
-    picture.quantize(64).save(target or str(tmp_path / "app-small.png"), optimize=True)
+    if SCREENSHOT:  # a small PNG: 960 px wide, 64 colours
+        picture = Image.open(tmp_path / "app.png").convert("RGB")
+        picture = picture.resize((960, round(picture.height * 960 / picture.width)), Image.LANCZOS)
+        picture.quantize(64).save(SCREENSHOT, optimize=True)
