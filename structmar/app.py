@@ -30,7 +30,7 @@ import torch
 from structmar import atomic
 from structmar.config import CFG_SCHEDULES, AppConfig, SamplingConfig
 from structmar.figures import draw_layout, to_pil
-from structmar.sample import LayoutSpec, parse_layout_spec
+from structmar.sample import LayoutSpec, _is_number, parse_layout_spec
 from structmar.sampler import Sampler
 
 SPEC_DIGITS = 4  # decimals of the exported normalised coordinates: a tenth of a pixel on a 1000-px canvas
@@ -112,16 +112,25 @@ def parse_request(bounds: Bounds, spec: dict, num_images, seed, sampling: Sampli
             raise RequestError(f"{where}: {len(text)} characters, more than this page's {bounds.max_text}")
     for name, value, top in (("images", num_images, bounds.max_images), ("AR steps", sampling.num_iter,
                                                                          bounds.max_num_iter)):
-        if value is None or int(value) != value or not 1 <= value <= top:
+        if not (_is_whole(value) and 1 <= value <= top):
             raise RequestError(f"{name}: {value} is not a whole number in [1, {top}] (this page's bound)")
-    if seed is None or int(seed) != seed or not 0 <= seed < 2**63:
+    if not (_is_whole(seed) and 0 <= seed < 2**63):
         raise RequestError(f"seed: {seed} is not a whole number in [0, 2^63)")
+    for name, value in (("CFG scale", sampling.cfg), ("temperature", sampling.temperature)):
+        if not _is_number(value):
+            raise RequestError(f"{name}: {value} is not a number")
+    sampling = SamplingConfig(int(sampling.num_iter), float(sampling.cfg), sampling.cfg_schedule,
+                              float(sampling.temperature))
     try:
-        sampling = sampling.validate()
+        sampling.validate()
         parsed = parse_layout_spec(spec, source="layout")
     except ValueError as e:
         raise RequestError(str(e)) from None
     return Request(parsed, int(num_images), int(seed), sampling)
+
+
+def _is_whole(value) -> bool:
+    return _is_number(value) and value == int(value)
 
 
 def sample_command(gen: Sampler, request: Request, layout: str = "layout.json", clip_path: str | None = None,
@@ -215,7 +224,7 @@ def build_app(gen: Sampler, app: AppConfig, categories: list[str]):
         return (annotation or {}).get("boxes") or []
 
     def export(caption, annotation):
-        spec = canvas_spec(caption, boxes_of(annotation), app.canvas)
+        spec = canvas_spec(caption or "", boxes_of(annotation), app.canvas)
         text = spec_text(spec)
         path = os.path.join(tempfile.mkdtemp(dir=exports), "layout.json")
         atomic.write_text(path, text)

@@ -50,7 +50,11 @@ def _request(caption="two shapes", boxes=BOXES, num_images=2, seed=0, **sampling
     (dict(num_images=None), "images: None"),
     (dict(num_iter=9), "AR steps: 9 is not a whole number in [1, 8]"),
     (dict(num_iter=2.5), "AR steps: 2.5 is not a whole number"),
+    (dict(num_images=float("inf")), "images: inf is not a whole number"),
     (dict(seed=-1), "seed: -1 is not a whole number"),
+    (dict(seed=float("nan")), "seed: nan is not a whole number"),
+    (dict(cfg=None), "CFG scale: None is not a number"),
+    (dict(temperature=float("nan")), "temperature: nan is not a number"),
     (dict(temperature=0.0), "temperature must be > 0"),
     (dict(cfg_schedule="cosine"), "cfg_schedule 'cosine' is not one of"),
 ])
@@ -61,8 +65,9 @@ def test_requests_out_of_bounds_are_refused_with_their_reason(change, message):
 
 
 def test_a_request_in_bounds_is_the_spec_structmar_sample_reads():
-    request = _request(num_images=3.0, seed=7, cfg=2.0, cfg_schedule="constant")
-    assert request.num_images == 3 and request.seed == 7 and request.spec.caption == "two shapes"
+    request = _request(num_images=3.0, seed=7.0, cfg=2, cfg_schedule="constant", num_iter=4.0)
+    assert request.num_images == 3 and request.seed == 7 and type(request.sampling.num_iter) is int
+    assert request.spec.caption == "two shapes"
     assert request.spec.tags == ["red circle", "blue square"]
     np.testing.assert_allclose(request.spec.boxes, [[0.05, 0.2, 0.45, 0.6], [0.5, 0.3, 0.95, 0.9]], rtol=1e-6)
     assert request.sampling == SamplingConfig(4, 2.0, "constant", 1.0)
