@@ -343,6 +343,16 @@ class PixelTokenizer(nn.Module):
         return x.reshape(b, 3, gh * p, gw * p).clamp(-1.0, 1.0)
 
 
+DEFAULT_VAE_PATH = "pretrained_models/vae/kl16.ckpt"  # where MAR's download script puts kl16.ckpt
+
+
+def vae_path_for(flag: str | None, trained_with=None) -> str:
+    """The kl16.ckpt to use: --vae_path when given, else the one a model was trained with (`trained_with`, a
+    stage export's `model.TrainedWith`), else DEFAULT_VAE_PATH."""
+    recorded = trained_with.tokenizer.get("path") if trained_with is not None else None
+    return flag or recorded or DEFAULT_VAE_PATH
+
+
 def build_tokenizer(name: str, vae_path: str | None = None, pixel_patch: int = 4) -> nn.Module:
     """`kl16` (needs `vae_path`, MAR's kl16.ckpt) or `pixel` (weight-free patches of `pixel_patch` px)."""
     if name == "kl16":
