@@ -546,24 +546,17 @@ def _config_from_mar_args(args) -> ModelConfig | None:
 
 def read_weights(path: str) -> Weights:
     """Read MAR's `checkpoint-*.pth`, a flat `.safetensors` (hub copy) or structmar's `.safetensors` export."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    from structmar.files import load_safetensors, load_torch_pickle
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
+    if path.endswith(".safetensors"):
+        tensors, meta = load_safetensors(path, "weights file")
         if "config" in meta and any(k.startswith("model.") for k in tensors):
             model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
             ema = {k[len("model_ema."):]: v for k, v in tensors.items() if k.startswith("model_ema.")} or None
             return Weights(model, ema, ModelConfig.from_dict(json.loads(meta["config"])),
                            TrainedWith.from_metadata(meta))
         return Weights(tensors)
-    # MAR pickles its argparse namespace next to the state dicts
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_pickle(path, "weights file", allowed=(argparse.Namespace,))  # MAR pickles its args beside them
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if "model" not in obj:

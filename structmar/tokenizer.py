@@ -246,8 +246,10 @@ class KLTokenizer(nn.Module):
                 f"KL-16 VAE checkpoint {path} not found; download MAR's kl16.ckpt "
                 "(https://huggingface.co/jadechoghari/mar, file kl16.ckpt) and pass --vae_path"
             )
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
+        from structmar.files import load_torch_pickle
+
+        ckpt = load_torch_pickle(path, "KL-16 VAE checkpoint")
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
             raise ValueError(f"{path}: expected a dict with a 'model' entry (MAR's kl16.ckpt format)")
         state = ckpt["model"]
         if "encoder.conv_in.weight" not in state:

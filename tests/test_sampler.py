@@ -78,11 +78,11 @@ def test_spec_units():
 
 
 def test_spec_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.json not found"):
+    with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
         read_layout_spec(str(tmp_path / "absent.json"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"caption": "x",')
-    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         read_layout_spec(str(bad))
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(_box(0, box=[0.5, 0.1, 0.2, 0.4])))
