@@ -69,14 +69,14 @@ def _text_encoder_path(checkpoint: str, trained_with, clip_path: str | None) -> 
     if trained_with is None:
         return clip_path or DEFAULT_CLIP_PATH
     recorded = trained_with.text_encoder
-    path = clip_path or recorded["path"]
-    if path is None or not os.path.isdir(path):
-        where = f"--clip_path {path}" if clip_path else f"its text encoder {recorded['path'] or recorded['id']}"
+    path = clip_path or recorded["path"] or DEFAULT_CLIP_PATH  # the shards' build may not have recorded it
+    if not os.path.isdir(path):
+        where = f"--clip_path {path}" if clip_path else f"its text encoder {path}"
         raise FileNotFoundError(f"{checkpoint} was trained with the text encoder {recorded['id']}, but {where} is "
                                 "not there; pass --clip_path with a copy of it")
     if recorded["sha256"]:
         trained_with.check_text_encoder(dict(id=recorded["id"], path=path, sha256=weights_sha256(path)), checkpoint,
-                                        "the CLIP directory given is")
+                                        "--clip_path gives" if clip_path else "its directory now holds")
     return path
 
 

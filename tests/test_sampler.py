@@ -246,7 +246,7 @@ def test_sample_uses_the_recorded_text_encoder_and_refuses_another(trained, tmp_
     other = write_random_clip(str(tmp_path / "other_clip"), seed=1, size="tiny")  # same shape, other weights
     err = _error(capsys, main([*sample, "--out", str(tmp_path / "b"), "--clip_path", other]))
     assert f"{run / 'checkpoint-last.safetensors'} was trained with the text encoder {root / 'clip'}" in err
-    assert f"the CLIP directory given is {other}" in err
+    assert f"--clip_path gives {other}" in err
 
     moved = root / "clip"
     moved.rename(root / "clip-moved")
