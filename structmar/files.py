@@ -56,8 +56,9 @@ def sniff(path: str) -> str:
     return "of an unknown format"
 
 
-def _first_line(error: BaseException) -> str:
-    """The library's own words, up to its first full stop (torch appends paragraphs of advice)."""
+def first_line(error: BaseException) -> str:
+    """An error's message in one line: the library's own words, up to its first full stop (torch appends
+    paragraphs of advice)."""
     text = str(error).strip()
     return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
 
@@ -69,7 +70,7 @@ def _refuse(path: str, what: str, expected: str, error: BaseException) -> ValueE
         return ValueError(f"{what} {path} is empty (0 bytes)")
     if kind != expected and not (expected == TORCH_ZIP and kind == PICKLE):
         return ValueError(f"{what} {path} is {kind}, not {expected}")
-    detail = "" if isinstance(error, OSError) else f" ({_first_line(error)})"  # an OSError's errno tells nothing here
+    detail = "" if isinstance(error, OSError) else f" ({first_line(error)})"  # an OSError's errno tells nothing here
     return ValueError(f"{what} {path} is truncated or corrupt{detail}")
 
 

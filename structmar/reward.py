@@ -23,7 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from structmar.config import DETECTOR_KINDS
-from structmar.files import check_model_directory, load_torch_pickle
+from structmar.files import check_model_directory, first_line, load_torch_pickle
 from structmar.shapes import ShapesDetector
 
 Detections = dict[str, torch.Tensor]
@@ -108,7 +108,7 @@ class HFDetector:
             model, info = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True,
                                                                       output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as e:  # a missing file, or one the checks above do not read
-            raise ValueError(f"detector directory {path}: {str(e).strip().splitlines()[0]}") from None
+            raise ValueError(f"detector directory {path}: {first_line(e)}") from None
         if info["missing_keys"]:  # transformers would detect with randomly initialised layers
             raise ValueError(f"the detector in {path} lacks {len(info['missing_keys'])} weights, e.g. "
                              f"{sorted(info['missing_keys'])[0]}")
