@@ -177,7 +177,9 @@ def _add_train(sub) -> None:
     p.add_argument("--min_lr", type=float, default=d.min_lr, help="floor of the cosine schedule")
     p.add_argument("--lr_schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
     p.add_argument("--label_drop_prob", type=float, default=d.label_drop_prob, help="condition dropout for CFG")
-    p.add_argument("--vae_path", default=d.vae_path, help="kl16 checkpoint to decode the --sample_every samples")
+    p.add_argument("--vae_path", default=d.vae_path,
+                   help="kl16 checkpoint to decode the --sample_every samples (default: the one the shards were "
+                        "built with, else pretrained_models/vae/kl16.ckpt)")
     p.set_defaults(func=_stage_runner(TrainConfig, "structmar.train.run_train"))
 
 
@@ -193,9 +195,10 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--cfg_schedule", choices=CFG_SCHEDULES, help=f"default {d.cfg_schedule}")
     p.add_argument("--temperature", type=float, help=f"diffusion sampling temperature (default {d.temperature})")
     p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--clip_path", help="the CLIP directory the model's shards were built with "
-                                       "(default pretrained_models/clip-vit-base-patch32)")
-    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only)")
+    p.add_argument("--clip_path", help="the CLIP directory the model's shards were built with (default: the one "
+                                       "its export records, else pretrained_models/clip-vit-base-patch32)")
+    p.add_argument("--vae_path", help="MAR's kl16.ckpt (kl16 models only; default: the one its export records, "
+                                      "else pretrained_models/vae/kl16.ckpt)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction,
                    help="sample with the EMA weights (default: when the file has them)")
 
@@ -286,7 +289,9 @@ def _add_rl(sub) -> None:
     _add_stage_flags(p, d)
     p.add_argument("--resume", required=True,
                    help="the stage-2 weights (export or run directory): the policy's start and the KL reference")
-    p.add_argument("--vae_path", default=d.vae_path, help="MAR's kl16.ckpt, to decode rollouts (kl16 models)")
+    p.add_argument("--vae_path", default=d.vae_path,
+                   help="MAR's kl16.ckpt, to decode rollouts (kl16 models; default: the one the --resume export "
+                        "records, else pretrained_models/vae/kl16.ckpt)")
     p.add_argument("--detector", default=d.detector, choices=DETECTOR_KINDS,
                    help="reward detector: torchvision Faster R-CNN state dict, transformers directory, or Shapes'")
     p.add_argument("--detector_path", default=d.detector_path, help="the detector's weights (file or directory)")

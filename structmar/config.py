@@ -267,7 +267,7 @@ class StageConfig:
     log_dir: str | None = None  # TensorBoard directory; None: output_dir/tensorboard
     log_every: int = 20  # steps between progress lines and scalar logs
     sample_every: int = 1000  # steps between TensorBoard grids of EMA samples (0: off)
-    vae_path: str = "pretrained_models/vae/kl16.ckpt"  # kl16 decoder for those samples
+    vae_path: str | None = None  # kl16 decoder; None: the one the shards or --resume export record, else the default
     max_nonfinite: int = 10  # consecutive non-finite losses that abort the run
 
     @classmethod

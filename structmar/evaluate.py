@@ -22,7 +22,7 @@ from structmar import atomic
 from structmar.config import SamplingConfig
 from structmar.figures import to_pil, write_layout_grids
 from structmar.metrics import ClipScorer, FIDInception, frechet_distance, inception_features, layout_scores, mean_se
-from structmar.sampler import DEFAULT_CLIP_PATH, checked_sampling, load_sampler, resolve_device
+from structmar.sampler import checked_sampling, load_sampler, resolve_device
 
 
 @dataclass
@@ -41,7 +41,7 @@ class EvalOptions:
     score_threshold: float = 0.05
     inception_path: str | None = None
     clip_score_path: str | None = None
-    clip_path: str = DEFAULT_CLIP_PATH
+    clip_path: str | None = None  # None: the one the checkpoint records (see sampler.load_sampler)
     vae_path: str | None = None
     ema: bool | None = None
     num_iter: int = SamplingConfig.num_iter

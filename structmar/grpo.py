@@ -708,13 +708,15 @@ class GRPOStage:
 
     def prepare(self, model_cfg, seed: int) -> None:
         from structmar.model import read_weights
-        from structmar.tokenizer import build_tokenizer
+        from structmar.tokenizer import build_tokenizer, vae_path_for
 
         c = self.cfg
-        tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=c.vae_path, pixel_patch=model_cfg.pixel_patch)
         path = os.path.abspath(weights_file(c.resume))
+        weights = read_weights(path)
+        tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path=vae_path_for(c.vae_path, weights.trained_with),
+                                    pixel_patch=model_cfg.pixel_patch)
         self.model_cfg = model_cfg
-        reference = self._reference(read_weights(path).select(ema=c.init_ema))
+        reference = self._reference(weights.select(ema=c.init_ema))
         self.reference_source = {"path": path, "sha256": reference.digest()}
         self.objective = GRPOObjective(c.grpo, tokenizer.eval(), self.reward_fn, reference, ar_chunks=c.grad_accum,
                                        generator=None)  # rollouts draw from the loop's seeded torch RNG (seed)

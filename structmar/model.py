@@ -446,11 +446,71 @@ def weights_file(path: str, flag: str = "--resume") -> str:
     return path
 
 
+def _described(encoder: dict) -> str:
+    digest = encoder.get("sha256")
+    return f"{encoder.get('path') or encoder['id']}" + (f" (sha256 {digest[:12]})" if digest else "")
+
+
+@dataclass
+class TrainedWith:
+    """What a stage's model was trained with, recorded in its export: the text encoder the shards were built with
+    ({"id", "path", "sha256"}: the encoder's id, its directory, the digest of its weights), the tokenizer
+    ({"name", "path", "sha256"}: path and digest None for the weight-free pixel tokenizer) and the dataset's
+    category names. A path or digest is None where the shards' build did not record it or the file is gone."""
+
+    text_encoder: dict
+    tokenizer: dict
+    categories: dict[int, str]
+
+    KEYS = ("text_encoder", "tokenizer", "categories")  # the export metadata entries, JSON each
+
+    @classmethod
+    def of_shards(cls, manifest: dict, split: str) -> TrainedWith:
+        """The encoders `split`'s shards were built with (the paths its build recorded, made absolute)."""
+        from structmar.files import weights_sha256
+
+        built = manifest["splits"][split].get("build_args") or {}
+
+        def source(path: str | None) -> dict:
+            if not path or not os.path.exists(path):
+                return dict(path=None, sha256=None)
+            return dict(path=os.path.abspath(path), sha256=weights_sha256(path))
+
+        tok = manifest["tokenizer"]
+        return cls(dict(id=manifest["text_encoder"]["id"], **source(built.get("clip_path"))),
+                   dict(name=tok["name"], **source(built.get("vae_path") if tok["name"] == "kl16" else None)),
+                   {int(k): v for k, v in manifest["categories"].items()})
+
+    def metadata(self) -> dict[str, str]:
+        return {"text_encoder": json.dumps(self.text_encoder), "tokenizer": json.dumps(self.tokenizer),
+                "categories": json.dumps({str(k): v for k, v in self.categories.items()})}
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> TrainedWith | None:
+        if not all(k in meta for k in cls.KEYS):
+            return None  # an export of an older structmar, or an initialisation file
+        text, tok, names = (json.loads(meta[k]) for k in cls.KEYS)
+        return cls(text, tok, {int(k): v for k, v in names.items()})
+
+    def check_text_encoder(self, other: dict, ours: str, theirs: str) -> None:
+        """Refuse `other` (what `theirs` names) unless it is the text encoder this model was trained with
+        (`ours` names the model): the weights' digests where both are known, else the encoders' shapes."""
+        mine = self.text_encoder
+        if mine.get("sha256") and other.get("sha256"):
+            same = mine["sha256"] == other["sha256"]
+        else:  # an id is "<directory name>:<shape>"; a copy may live under another name
+            same = mine["id"].rsplit(":", 1)[-1] == other["id"].rsplit(":", 1)[-1]
+        if not same:
+            raise ValueError(f"{ours} was trained with the text encoder {_described(mine)} but {theirs} "
+                             f"{_described(other)}; use the text encoder the model was trained with")
+
+
 @dataclass
 class Weights:
     model: dict
     ema: dict | None = None
     config: ModelConfig | None = None
+    trained_with: TrainedWith | None = None  # a stage export's record of its inputs
 
     def select(self, ema: bool) -> dict:
         if ema and self.ema is None:
@@ -486,23 +546,17 @@ def _config_from_mar_args(args) -> ModelConfig | None:
 
 def read_weights(path: str) -> Weights:
     """Read MAR's `checkpoint-*.pth`, a flat `.safetensors` (hub copy) or structmar's `.safetensors` export."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    from structmar.files import load_safetensors, load_torch_pickle
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
+    if path.endswith(".safetensors"):
+        tensors, meta = load_safetensors(path, "weights file")
         if "config" in meta and any(k.startswith("model.") for k in tensors):
             model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
             ema = {k[len("model_ema."):]: v for k, v in tensors.items() if k.startswith("model_ema.")} or None
-            return Weights(model, ema, ModelConfig.from_dict(json.loads(meta["config"])))
+            return Weights(model, ema, ModelConfig.from_dict(json.loads(meta["config"])),
+                           TrainedWith.from_metadata(meta))
         return Weights(tensors)
-    # MAR pickles its argparse namespace next to the state dicts
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_torch_pickle(path, "weights file", allowed=(argparse.Namespace,))  # MAR pickles its args beside them
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if "model" not in obj:
@@ -512,14 +566,17 @@ def read_weights(path: str) -> Weights:
     return Weights(obj["model"], obj.get("model_ema"), _config_from_mar_args(obj.get("args")))
 
 
-def write_export(path: str, model_sd: dict, ema_sd: dict, model_cfg: ModelConfig, meta: dict | None = None) -> None:
-    """A stage export: keys "model.<name>" and "model_ema.<name>", the ModelConfig json in metadata["config"]."""
+def write_export(path: str, model_sd: dict, ema_sd: dict, model_cfg: ModelConfig, meta: dict | None = None,
+                 trained_with: TrainedWith | None = None) -> None:
+    """A stage export: keys "model.<name>" and "model_ema.<name>", the ModelConfig json in metadata["config"],
+    and what the model was trained with (`TrainedWith.metadata`)."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_sd.items()}
     # safetensors refuses shared storage; an EMA entry may alias its model entry (frozen tensors, buffers)
     tensors.update({f"model_ema.{k}": v.detach().cpu().clone() for k, v in ema_sd.items()})
-    metadata = {"config": json.dumps(model_cfg.to_dict()), **{k: str(v) for k, v in (meta or {}).items()}}
+    metadata = {"config": json.dumps(model_cfg.to_dict()), **{k: str(v) for k, v in (meta or {}).items()},
+                **(trained_with.metadata() if trained_with else {})}
     atomic.write_path(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

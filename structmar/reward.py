@@ -23,6 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from structmar.config import DETECTOR_KINDS
+from structmar.files import check_model_directory, first_line, load_torch_pickle
 from structmar.shapes import ShapesDetector
 
 Detections = dict[str, torch.Tensor]
@@ -59,9 +60,11 @@ class TorchvisionFasterRCNN:
                 f"detector weights {path} not found: save torchvision's fasterrcnn_resnet50_fpn_v2 COCO weights "
                 f"(FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1) there with torch.save(model.state_dict(), PATH)"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_pickle(path, "detector weights")
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]  # torchvision's reference trainer wraps the weights
+        if not isinstance(state, dict):
+            raise ValueError(f"detector weights {path} hold a {type(state).__name__}, not a state dict")
         model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
@@ -99,9 +102,13 @@ class HFDetector:
                 f"detector directory {path} not found: save a transformers object-detection model and its image "
                 f"processor there with save_pretrained (e.g. facebook/detr-resnet-50)"
             )
-        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        model, info = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True,
-                                                                  output_loading_info=True)
+        check_model_directory(path, "detector directory file")
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            model, info = AutoModelForObjectDetection.from_pretrained(path, local_files_only=True,
+                                                                      output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as e:  # a missing file, or one the checks above do not read
+            raise ValueError(f"detector directory {path}: {first_line(e)}") from None
         if info["missing_keys"]:  # transformers would detect with randomly initialised layers
             raise ValueError(f"the detector in {path} lacks {len(info['missing_keys'])} weights, e.g. "
                              f"{sorted(info['missing_keys'])[0]}")

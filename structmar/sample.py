@@ -227,14 +227,9 @@ def parse_layout_spec(spec, source: str = "layout") -> LayoutSpec:
 
 def read_layout_spec(path: str) -> LayoutSpec:
     """parse_layout_spec of a JSON file; errors name the file."""
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"layout spec {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return parse_layout_spec(spec, source=path)
+    from structmar.files import read_json
+
+    return parse_layout_spec(read_json(path, "layout spec"), source=path)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """A trained model ready to sample, and `structmar sample`: one layout spec -> PNGs and layout overlays.
 
 `load_sampler` reads a stage export (or the run directory holding one) and builds the StructMAR, the
-tokenizer and the CLIP text encoder its config names; `Sampler` turns captions and layouts into images
-with `structmar.sample`'s generation. `structmar eval` loads its model the same way.
+tokenizer and the CLIP text encoder it was trained with (the files its export records, unless the caller
+names others), with the dataset's category names; `Sampler` turns captions and layouts into images with
+`structmar.sample`'s generation. `structmar eval` loads its model the same way.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class Sampler:
-    """A StructMAR with the tokenizer and text encoder its config names, ready to sample."""
+    """A StructMAR with the tokenizer and text encoder it was trained with, ready to sample; `categories` are the
+    category names of its training set (id -> name; empty when the weights file does not record them)."""
 
     model: nn.Module
     tokenizer: nn.Module
     text_encoder: nn.Module
     checkpoint: str
     ema: bool
+    categories: dict[int, str] = dataclasses.field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -58,15 +61,37 @@ class Sampler:
         return (((images.float() + 1) / 2).clamp(0, 1) * 255).round().cpu() / 255
 
 
-def load_sampler(checkpoint: str, clip_path: str = DEFAULT_CLIP_PATH, vae_path: str | None = None,
-                 ema: bool | None = None, device: str | torch.device = "cpu") -> Sampler:
-    """The model in `checkpoint` (a weights file with a model config, or a run directory holding its export).
+def _text_encoder_path(checkpoint: str, trained_with, clip_path: str | None) -> str:
+    """The CLIP directory to load: `clip_path` when given, else the one the export records, else
+    DEFAULT_CLIP_PATH; refused when its weights are not the ones the model was trained with."""
+    from structmar.files import weights_sha256
 
+    if trained_with is None:
+        return clip_path or DEFAULT_CLIP_PATH
+    recorded = trained_with.text_encoder
+    path = clip_path or recorded["path"] or DEFAULT_CLIP_PATH  # the shards' build may not have recorded it
+    if not os.path.isdir(path):
+        where = f"--clip_path {path}" if clip_path else f"its text encoder {path}"
+        raise FileNotFoundError(f"{checkpoint} was trained with the text encoder {recorded['id']}, but {where} is "
+                                "not there; pass --clip_path with a copy of it")
+    if recorded["sha256"]:
+        trained_with.check_text_encoder(dict(id=recorded["id"], path=path, sha256=weights_sha256(path)), checkpoint,
+                                        "--clip_path gives" if clip_path else "its directory now holds")
+    return path
+
+
+def load_sampler(checkpoint: str, clip_path: str | None = None, vae_path: str | None = None,
+                 ema: bool | None = None, device: str | torch.device = "cpu") -> Sampler:
+    """Everything needed to sample the model in `checkpoint` (a weights file with a model config, or a run
+    directory holding its export): the model, its tokenizer and text encoder, its category names.
+
+    clip_path / vae_path: None takes the ones a stage export records (else DEFAULT_CLIP_PATH /
+    tokenizer.DEFAULT_VAE_PATH); a CLIP directory other than the one the model was trained with is refused.
     ema: None takes the EMA weights when the file has them, True requires them, False takes the raw weights.
     """
     from structmar.model import StructMAR, load_weights, read_weights, weights_file
     from structmar.text import TextEncoder
-    from structmar.tokenizer import build_tokenizer
+    from structmar.tokenizer import build_tokenizer, vae_path_for
 
     checkpoint = weights_file(checkpoint, "--checkpoint")
     weights = read_weights(checkpoint)
@@ -82,13 +107,16 @@ def load_sampler(checkpoint: str, clip_path: str = DEFAULT_CLIP_PATH, vae_path: 
     report = load_weights(model, weights.select(use_ema))
     if report.missing:  # sampling with randomly initialised parts would look like a bad model
         raise ValueError(f"{checkpoint} lacks {len(report.missing)} of the model's weights, e.g. {report.missing[0]}")
+    clip_path = _text_encoder_path(checkpoint, weights.trained_with, clip_path)
     model = model.eval().requires_grad_(False).to(device)
+    vae_path = vae_path_for(vae_path, weights.trained_with) if cfg.tokenizer == "kl16" else None
     tokenizer = build_tokenizer(cfg.tokenizer, vae_path, cfg.pixel_patch).eval().to(device)
     text_encoder = TextEncoder.from_pretrained(clip_path, device=device)
     if text_encoder.dim != cfg.text_dim:
         raise ValueError(f"the CLIP text encoder in {clip_path} is {text_encoder.dim} wide but the model was trained "
                          f"on {cfg.text_dim}-wide text embeddings (pass the CLIP directory its shards were built with)")
-    return Sampler(model, tokenizer, text_encoder, checkpoint, use_ema)
+    categories = weights.trained_with.categories if weights.trained_with else {}
+    return Sampler(model, tokenizer, text_encoder, checkpoint, use_ema, categories)
 
 
 def checked_sampling(sampling: SamplingConfig) -> SamplingConfig:

@@ -40,6 +40,7 @@ import torch
 
 from structmar import atomic
 from structmar.coco import CocoLayouts, Layout, flip_boxes
+from structmar.files import read_json
 from structmar.shard_tar import ShardError, iter_shard, load_npy, npy_bytes, sha256, write_shard
 from structmar.tokenizer import latent_scale, sample_posterior
 
@@ -157,13 +158,13 @@ def read_manifest(shard_dir: str, split: str | None = None, hint: dict | None = 
     cmd = build_command(shard_dir, split or "train2014", **(hint or {}))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no shard manifest {path}; build the shards first: {cmd}")
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); rebuild it by rerunning: {cmd}") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    try:
+        manifest = read_json(path, "shard manifest")
+    except ValueError as e:
+        raise ValueError(f"{e}; rebuild it by rerunning: {cmd}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"shard manifest {path}: format {found!r} is not {FORMAT!r}")
     if split is not None:
         entry = manifest["splits"].get(split)
         if entry is None:

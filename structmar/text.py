@@ -50,13 +50,18 @@ class TextEncoder(nn.Module):
         """Load tokenizer and text model from local directory `path` (no network access)."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from structmar.files import check_model_directory, first_line
+
         if not os.path.isdir(path):
             raise FileNotFoundError(f"CLIP directory {path} not found; {CLIP_HOWTO}")
+        check_model_directory(path, "CLIP directory file")
         try:
             tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
             model = CLIPTextModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         except OSError as e:
             raise FileNotFoundError(f"CLIP directory {path} is incomplete ({e}); {CLIP_HOWTO}") from e
+        except (ValueError, RuntimeError) as e:  # a damaged file the checks above do not read (vocabulary, .bin)
+            raise ValueError(f"CLIP directory {path}: {first_line(e)}") from None
         return cls(tokenizer, model.to(device), name=os.path.basename(os.path.normpath(path)), max_length=max_length)
 
     @property

@@ -246,8 +246,10 @@ class KLTokenizer(nn.Module):
                 f"KL-16 VAE checkpoint {path} not found; download MAR's kl16.ckpt "
                 "(https://huggingface.co/jadechoghari/mar, file kl16.ckpt) and pass --vae_path"
             )
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
+        from structmar.files import load_torch_pickle
+
+        ckpt = load_torch_pickle(path, "KL-16 VAE checkpoint")
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
             raise ValueError(f"{path}: expected a dict with a 'model' entry (MAR's kl16.ckpt format)")
         state = ckpt["model"]
         if "encoder.conv_in.weight" not in state:
@@ -341,6 +343,16 @@ class PixelTokenizer(nn.Module):
         p = self.patch
         x = (latents / self.scale).reshape(b, 3, p, p, gh, gw).permute(0, 1, 4, 2, 5, 3)  # (B, 3, g, p, g, p)
         return x.reshape(b, 3, gh * p, gw * p).clamp(-1.0, 1.0)
+
+
+DEFAULT_VAE_PATH = "pretrained_models/vae/kl16.ckpt"  # where MAR's download script puts kl16.ckpt
+
+
+def vae_path_for(flag: str | None, trained_with=None) -> str:
+    """The kl16.ckpt to use: --vae_path when given, else the one a model was trained with (`trained_with`, a
+    stage export's `model.TrainedWith`), else DEFAULT_VAE_PATH."""
+    recorded = trained_with.tokenizer.get("path") if trained_with is not None else None
+    return flag or recorded or DEFAULT_VAE_PATH
 
 
 def build_tokenizer(name: str, vae_path: str | None = None, pixel_patch: int = 4) -> nn.Module:

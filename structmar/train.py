@@ -35,6 +35,7 @@ from structmar.config import TRAIN_MODES, ModelConfig, StageConfig, TrainConfig
 from structmar.model import (
     EXPORT,
     StructMAR,
+    TrainedWith,
     Weights,
     is_addition,
     load_weights,
@@ -106,11 +107,11 @@ def resolve_model_config(cfg: StageConfig, start: Start, file_config: ModelConfi
 class EmaSampler:
     """Rank 0's grid of EMA samples for fixed layouts, boxes and tags drawn on (see `structmar.sample`)."""
 
-    def __init__(self, cfg: StageConfig, model_cfg: ModelConfig, device: torch.device):
+    def __init__(self, cfg: StageConfig, model_cfg: ModelConfig, device: torch.device, vae_path: str):
         from structmar.shards import ShardLoader
         from structmar.tokenizer import build_tokenizer
 
-        self.tokenizer = build_tokenizer(model_cfg.tokenizer, cfg.vae_path, model_cfg.pixel_patch).to(device).eval()
+        self.tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path, model_cfg.pixel_patch).to(device).eval()
         self.model = StructMAR(model_cfg).to(device).eval()
         fixed = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, SAMPLE_IMAGES, seed=cfg.seed, shuffle=False)
         self.batch = next(iter(fixed))
@@ -197,10 +198,12 @@ class SupervisedObjective:
 # ---- the run's setup ----------------------------------------------------------------------------
 
 
-def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights | None, ModelConfig]:
-    """What to start from and the model it gives; fails before any process group exists when the run
-    directory holds another stage, or the shards or the VAE are missing or do not fit the model."""
+def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights | None, ModelConfig, TrainedWith]:
+    """What to start from, the model it gives and what it trains with (the shards' encoders); fails before any
+    process group exists when the run directory holds another stage, or the shards or the VAE are missing or do
+    not fit the model, or the --resume export was trained with another text encoder than the shards'."""
     from structmar.shards import check_manifest, read_manifest
+    from structmar.tokenizer import vae_path_for
 
     cfg.validate()
     start = plan_start(cfg)
@@ -211,11 +214,17 @@ def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights
     model_cfg = resolve_model_config(cfg, start, weights.config if weights else None)
     hint = dict(tokenizer=model_cfg.tokenizer, image_size=model_cfg.image_size, max_objects=model_cfg.max_objects,
                 pixel_patch=model_cfg.pixel_patch)
-    check_manifest(read_manifest(cfg.shard_dir, cfg.coco_split, hint), model_cfg)
-    if cfg.sample_every and model_cfg.tokenizer == "kl16" and not os.path.isfile(cfg.vae_path):
-        raise FileNotFoundError(f"--vae_path {cfg.vae_path} not found (it decodes the --sample_every samples; "
+    manifest = read_manifest(cfg.shard_dir, cfg.coco_split, hint)
+    check_manifest(manifest, model_cfg)
+    trained_with = TrainedWith.of_shards(manifest, cfg.coco_split)
+    if weights is not None and weights.trained_with is not None:
+        weights.trained_with.check_text_encoder(trained_with.text_encoder, f"--resume {start.weights_path}",
+                                                f"the shards {cfg.shard_dir} were built with")
+    vae_path = vae_path_for(cfg.vae_path, trained_with)
+    if cfg.sample_every and model_cfg.tokenizer == "kl16" and not os.path.isfile(vae_path):
+        raise FileNotFoundError(f"--vae_path {vae_path} not found (it decodes the --sample_every samples; "
                                 "pass --sample_every 0 to train without them)")
-    return start, weights, model_cfg
+    return start, weights, model_cfg, trained_with
 
 
 def _open_loader(cfg: StageConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> ShardLoader:
@@ -290,6 +299,7 @@ class Run:
     nonfinite_total: int = 0  # micro-batches skipped for a non-finite loss
     last_saved: int | None = None  # the step of the newest checkpoint, written or continued from
     export: str | None = None
+    trained_with: TrainedWith | None = None  # recorded in the export
 
     @property
     def env(self) -> eng.DistEnv:
@@ -351,7 +361,9 @@ def _ema_sampler(run: Run) -> EmaSampler | None:
     if not (run.cfg.sample_every and run.env.is_main):
         return None
     with torch.random.fork_rng(devices=[]):  # its init must not move the training RNG (exact resume)
-        return EmaSampler(run.cfg, run.model_cfg, run.env.device)
+        from structmar.tokenizer import vae_path_for
+
+        return EmaSampler(run.cfg, run.model_cfg, run.env.device, vae_path_for(run.cfg.vae_path, run.trained_with))
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -385,7 +397,8 @@ def save(run: Run) -> None:
         rank_state["rng_cuda"] = torch.cuda.get_rng_state(env.device)
     run.engine.save(cfg.output_dir, tag, trainer_state, rank_state, keep=cfg.keep_checkpoints)
     export = os.path.join(cfg.output_dir, EXPORT)
-    export_weights(run.engine, run.model_cfg, export, dict(step=step, epoch=run.epoch, stage=run.objective.name))
+    export_weights(run.engine, run.model_cfg, export, dict(step=step, epoch=run.epoch, stage=run.objective.name),
+                   run.trained_with)
     run.logger.text(f"saved {tag} and {export}")
     run.export, run.last_saved = export, step
 
@@ -539,12 +552,12 @@ def run_train(cfg: TrainConfig) -> Summary:
 
 
 def _train(cfg: StageConfig, objective: Objective, build_model, on_step, stop: _StopFlag) -> Summary:
-    start, weights, model_cfg = _check_start(cfg, objective)
+    start, weights, model_cfg, trained_with = _check_start(cfg, objective)
     env = eng.init_distributed(cfg.device)
     loader = _open_loader(cfg, model_cfg, env)
     model, notes = _build_and_freeze(cfg, objective, build_model, model_cfg, start, weights)
     engine, base_lr, plan = _make_engine(cfg, model, objective, start, env, len(loader))
-    run = Run(cfg, model_cfg, objective, engine, loader, base_lr)
+    run = Run(cfg, model_cfg, objective, engine, loader, base_lr, trained_with=trained_with)
     torch.manual_seed(cfg.seed * 1000 + env.rank)  # masks, noise and dropout differ per rank
     if start.saved is not None:
         notes.append(_restore(run, start))
@@ -600,9 +613,10 @@ def _train(cfg: StageConfig, objective: Objective, build_model, on_step, stop: _
     return Summary(run.step, run.epoch, losses, run.nonfinite_total, preempted, run.export)
 
 
-def export_weights(engine: eng.Engine, model_cfg: ModelConfig, path: str, meta: dict) -> None:
+def export_weights(engine: eng.Engine, model_cfg: ModelConfig, path: str, meta: dict,
+                   trained_with: TrainedWith | None = None) -> None:
     """Write the consolidated model + EMA as one safetensors file (rank 0; every rank must call it)."""
     model_sd, ema_sd = engine.consolidated()
     if engine.env.is_main:
-        write_export(path, model_sd, ema_sd, model_cfg, meta)
+        write_export(path, model_sd, ema_sd, model_cfg, meta, trained_with)
 

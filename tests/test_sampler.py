@@ -1,4 +1,5 @@
-"""`structmar sample`: layout-spec validation, and the command end to end on a tiny random export."""
+"""`structmar sample` and its loader (structmar.sampler): layout-spec validation, the command end to end on a tiny
+random export, and a trained export's record of its text encoder, tokenizer and categories."""
 
 import json
 import os
@@ -75,11 +76,11 @@ def test_spec_units():
 
 
 def test_spec_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.json not found"):
+    with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
         read_layout_spec(str(tmp_path / "absent.json"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"caption": "x",')
-    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         read_layout_spec(str(bad))
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(_box(0, box=[0.5, 0.1, 0.2, 0.4])))
@@ -190,3 +191,75 @@ def test_condition_batch_follows_the_batch_contract(export):
     assert torch.equal(batch["text_mask"], mask) and torch.equal(batch["text_pooled"], pooled)
     with pytest.raises(ValueError, match="layout 0: 2 boxes but 1 tags"):
         condition_batch(encoder, ["x"], boxes[:1], [["red circle"]])
+
+
+@pytest.fixture(scope="module")
+def trained(pixel_shards, tmp_path_factory):
+    """One CPU step of `structmar train` on Shapes shards (built with root/clip) from a random init export: its
+    run directory records the text encoder, tokenizer and category names."""
+    root = pixel_shards("sampler", 16, 4, samples_per_shard=16)
+    cfg = model_config("tiny", text_dim=32, num_sampling_steps=4)
+    torch.manual_seed(0)
+    write_export(str(root / "init.safetensors"), StructMAR(cfg).state_dict(), StructMAR(cfg).state_dict(), cfg)
+    run = root / "stage"
+    assert main(["train", "--output_dir", str(run), "--data", str(root / "shards"), "--resume",
+                 str(root / "init.safetensors"), "--batch_size", "2", "--epochs", "1", "--max_steps", "1",
+                 "--warmup_epochs", "0", "--lr", "1e-3", "--device", "cpu", "--precision", "fp32", "--num_workers",
+                 "0", "--sample_every", "0"]) == 0
+    return root, run
+
+
+def test_an_export_records_what_it_was_trained_with(trained):
+    from structmar.files import weights_sha256
+    from structmar.model import read_weights
+    from structmar.sampler import load_sampler
+    from structmar.shapes import CATEGORIES
+
+    root, run = trained
+    record = read_weights(str(run / "checkpoint-last.safetensors")).trained_with
+    assert record.text_encoder["path"] == str(root / "clip")
+    assert record.text_encoder["sha256"] == weights_sha256(str(root / "clip"))
+    assert record.tokenizer == dict(name="pixel", path=None, sha256=None)
+    gen = load_sampler(str(run))  # no clip_path: the recorded one
+    assert gen.categories == record.categories == {c.id: c.name for c in CATEGORIES}
+    assert gen.text_encoder.dim == 32
+
+
+def test_sample_uses_the_recorded_text_encoder_and_refuses_another(trained, tmp_path, capsys):
+    root, run = trained
+    spec = tmp_path / "layout.json"
+    spec.write_text(json.dumps(GOOD))
+    sample = ["sample", "--checkpoint", str(run), "--layout", str(spec), "--num_images", "1", "--num_iter", "2",
+              "--device", "cpu"]
+    assert main([*sample, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "000.png").is_file()
+
+    other = write_random_clip(str(tmp_path / "other_clip"), seed=1, size="tiny")  # same shape, other weights
+    err = _error(capsys, main([*sample, "--out", str(tmp_path / "b"), "--clip_path", other]))
+    assert f"{run / 'checkpoint-last.safetensors'} was trained with the text encoder {root / 'clip'}" in err
+    assert f"--clip_path gives {other}" in err
+
+    moved = root / "clip"
+    moved.rename(root / "clip-moved")
+    try:
+        err = _error(capsys, main([*sample, "--out", str(tmp_path / "c")]))
+        assert f"its text encoder {moved} is not there; pass --clip_path" in err
+        assert main([*sample, "--out", str(tmp_path / "c"), "--clip_path", str(root / "clip-moved")]) == 0
+    finally:
+        (root / "clip-moved").rename(moved)
+
+
+def test_the_next_stage_refuses_shards_of_another_text_encoder(trained, tmp_path, capsys):
+    from structmar.shards import run_build
+
+    root, run = trained
+    other = write_random_clip(str(tmp_path / "other_clip"), seed=1, size="tiny")
+    run_build(dict(coco_root=str(root / "coco"), coco_split="train2014", out=str(tmp_path / "shards"),
+                   tokenizer="pixel", vae_path=None, pixel_patch=4, clip_path=other, image_size=32, max_objects=16,
+                   min_box_area=0.002, samples_per_shard=16, batch_size=64, num_workers=1, worker_rank=None,
+                   device="cpu", verify=False, progress=False))
+    err = _error(capsys, main(["train", "--output_dir", str(tmp_path / "next"), "--data", str(tmp_path / "shards"),
+                               "--resume", str(run), "--device", "cpu", "--precision", "fp32"]))
+    assert (f"--resume {run / 'checkpoint-last.safetensors'} was trained with the text encoder {root / 'clip'}"
+            in err and f"the shards {tmp_path / 'shards'} were built with {other}" in err)
+    assert not (tmp_path / "next").exists()
