@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from structmar.cli import main
+from structmar.config import model_config
+from structmar.model import StructMAR, write_export
 from structmar.sample import condition_batch, parse_layout_spec, read_layout_spec
 from structmar.text import write_random_clip
 
