@@ -197,14 +197,16 @@ def _gradio():
     return gradio, gradio_image_annotation.image_annotator
 
 
-def read_categories(shard_dir: str | None) -> list[str]:
-    """The category names of a shard directory's manifest, by id (none without a directory)."""
+def read_categories(gen: Sampler, shard_dir: str | None) -> list[str]:
+    """The tag menu, by category id: a shard directory's manifest's names if one is given, else those the
+    export recorded (none for an export that records none: tags are then free text only)."""
     if shard_dir is None:
-        return []
-    from structmar.shards import read_manifest
+        categories = gen.categories
+    else:
+        from structmar.shards import read_manifest
 
-    categories = read_manifest(shard_dir)["categories"]
-    return [categories[k] for k in sorted(categories, key=int)]
+        categories = {int(k): v for k, v in read_manifest(shard_dir)["categories"].items()}
+    return [categories[k] for k in sorted(categories)]
 
 
 def build_app(gen: Sampler, app: AppConfig, categories: list[str]):
@@ -313,8 +315,8 @@ def serve(app: AppConfig) -> None:
     missing = [name for name in ("gradio", "gradio_image_annotation") if importlib.util.find_spec(name) is None]
     if missing:  # said before the model loads; importing Gradio itself takes seconds, so it waits for that
         raise ValueError(f"structmar app needs {' and '.join(missing)}: pip install 'structmar[app]'")
-    categories = read_categories(app.categories)
     given = {k: getattr(app, k) for k in ("clip_path", "vae_path") if getattr(app, k) is not None}
     gen = load_sampler(app.checkpoint, device=resolve_device(app.device), **given)
+    categories = read_categories(gen, app.categories)
     print(f"structmar app: serving {gen.checkpoint} on http://{app.host}:{app.port} (Ctrl-C stops it)", flush=True)
     build_app(gen, app, categories).launch(**launch_options(app))

@@ -516,12 +516,12 @@ class AppConfig:
     host: str = knob("127.0.0.1", "address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens it to the "
                                   "network, without authentication)")
     port: int = knob(7860, "port to listen on")
-    clip_path: str | None = knob(None, "the CLIP directory the model's shards were built with (default: the one "
-                                       "`structmar sample` loads)")
-    vae_path: str | None = knob(None, "MAR's kl16.ckpt (kl16 models only)")
+    clip_path: str | None = knob(None, "the CLIP directory the model's shards were built with (default: the one the "
+                                       "export records, as `structmar sample` loads it)")
+    vae_path: str | None = knob(None, "MAR's kl16.ckpt (kl16 models only; default: the one the export records)")
     device: str = knob("auto", "auto (cuda if available, else cpu), cpu, cuda:N")
-    categories: str | None = knob(None, "a shard directory whose category names the tag menu offers (a tag may "
-                                        "also be free text)")
+    categories: str | None = knob(None, "a shard directory whose category names the tag menu offers (default: the "
+                                        "names the export recorded; a tag may also be free text)")
     max_images: int = knob(8, "images one request may ask for (sampled as one batch)")
     max_num_iter: int = knob(64, "autoregressive steps one request may ask for")
     max_text: int = knob(200, "characters of a caption or a tag")

@@ -125,14 +125,19 @@ def test_the_exported_spec_samples_the_same_images_with_structmar_sample(run_dir
                               np.asarray(overlay))
 
 
-def test_the_tag_menu_offers_the_shards_categories(pixel_shards):
+def test_the_tag_menu_offers_the_exports_categories_or_the_shards(pixel_shards):
+    from types import SimpleNamespace
+
     from structmar.shapes import CATEGORIES
 
+    recorded = SimpleNamespace(categories={7: "kite", 2: "bicycle"})
+    assert read_categories(recorded, None) == ["bicycle", "kite"]
+    assert read_categories(SimpleNamespace(categories={}), None) == []
     root = pixel_shards("app_shards", num_train=4, num_val=2, samples_per_shard=4)
-    assert read_categories(str(root / "shards")) == [c.name for c in sorted(CATEGORIES, key=lambda c: c.id)]
-    assert read_categories(None) == []
+    by_id = [c.name for c in sorted(CATEGORIES, key=lambda c: c.id)]
+    assert read_categories(recorded, str(root / "shards")) == by_id
     with pytest.raises(FileNotFoundError, match="no shard manifest"):
-        read_categories(str(root))
+        read_categories(recorded, str(root))
 
 
 def test_app_command_errors_are_one_line(capsys):

@@ -11,6 +11,5 @@ bin="$(dirname "$(command -v structmar)")"  # the environment's, as setup_env.sh
 if ! python -c "import gradio, gradio_image_annotation" 2>/dev/null; then
   echo "structmar demo: the app needs its extra: $(printf '%q ' "$bin/pip" install -e "${PWD}[app]")"
 fi
-app="$(printf '%q ' "$bin/structmar" app --checkpoint "$out/stage3_grpo" --clip_path "$out/clip-random-vit-b32" \
-  --categories "$out/shards")"
+app="$(printf '%q ' "$bin/structmar" app --checkpoint "$out/stage3_grpo")"
 echo "structmar demo: draw layouts for its model in a browser at http://127.0.0.1:7860 with: ${app% }"
