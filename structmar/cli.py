@@ -104,7 +104,7 @@ def _add_knobs(p, group, defaults) -> None:
 def _add_stage_flags(p, d) -> None:
     """The flags stages 1-3 share: data, model, run directory, optimizer, and the engine's and checkpoints'
     knobs."""
-    from structmar.config import PRECISIONS, PRESETS, OptimizerConfig
+    from structmar.config import PRECISIONS, PRESETS, BadDataConfig, OptimizerConfig
 
     p.add_argument("--output_dir", default=d.output_dir, help="checkpoints, export and logs; rerunning continues it")
     p.add_argument("--data", default=d.data, help="shard directory (default: <coco_root>/shards/<coco_split>)")
@@ -129,6 +129,7 @@ def _add_stage_flags(p, d) -> None:
     p.add_argument("--device", default=d.device, choices=("cuda", "cpu"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num_workers", type=int, default=d.num_workers, help="data loader workers per rank")
+    _add_knobs(p, BadDataConfig, d.bad_data)
     p.add_argument("--save_last_freq", type=int, default=d.save_last_freq, help="epochs between checkpoints")
     p.add_argument("--save_steps", type=int, default=d.save_steps, help="also checkpoint every N steps (0: off)")
     p.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints)

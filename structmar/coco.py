@@ -6,7 +6,10 @@ tag is its annotation's optional `"tag"` (free text, as grounding data gives it)
 name. Crowd boxes, boxes smaller than `min_box_area` (a fraction of the crop's area) and boxes mostly
 cropped away are dropped. Everything is computed from the annotation files alone (image sizes come
 from them too), so the list of usable images is known before any pixel is read: that is what lets
-shard builders agree on shard contents.
+shard builders agree on shard contents. For the same reason the annotation files are checked whole
+first (unknown categories, boxes outside their image, duplicate ids, bad tags): every fault is listed
+in one error before any image is read. A fault of one image file (missing, unreadable, another size
+than annotated) is an `ImageFault`, which the shard builder skips and lists.
 """
 
 from __future__ import annotations
@@ -19,6 +22,55 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+
+MAX_LISTED = 5  # faults quoted in an error; the rest are counted
+BOX_SLACK = 1.0  # pixels a box may pass its image's edge (rounding in annotation tools)
+
+
+class ImageFault(ValueError):
+    """One image cannot be used; `.reason` is "missing", "unreadable" or "wrong_size"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def listed(faults: list[str]) -> str:
+    """The first MAX_LISTED of `faults` and the count of the others, on one line."""
+    more = len(faults) - MAX_LISTED
+    return "; ".join(faults[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def annotation_faults(instances: dict, captions: dict, categories: dict[int, str]) -> list[str]:
+    """Every fault of the instances and captions files (COCO dicts), in file order: duplicate ids, annotations of
+    an unknown image or category, boxes outside their image, tags that are not non-empty strings."""
+    faults = []
+    for what, items in (("image", instances["images"]), ("category", instances["categories"]),
+                        ("annotation", instances["annotations"]), ("caption", captions["annotations"])):
+        seen = set()
+        for item in items:
+            if item["id"] in seen:
+                faults.append(f"duplicate {what} id {item['id']}")
+            seen.add(item["id"])
+    images = {info["id"]: info for info in instances["images"]}
+    for ann in instances["annotations"]:
+        where = f"annotation {ann['id']}"
+        info = images.get(ann["image_id"])
+        if info is None:
+            faults.append(f"{where}: image id {ann['image_id']} is not among the images")
+        if ann["category_id"] not in categories:
+            faults.append(f"{where} (image {ann['image_id']}): unknown category id {ann['category_id']}")
+        if "tag" in ann and not (isinstance(ann["tag"], str) and ann["tag"].strip()):
+            faults.append(f"{where}: tag must be a non-empty string, got {ann['tag']!r}")
+        if info is not None:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            width, height = info["width"], info["height"]
+            inside = (min(x, y) >= -BOX_SLACK and w >= 0 and h >= 0 and x + w <= width + BOX_SLACK
+                      and y + h <= height + BOX_SLACK)  # False for NaN too
+            if not inside:
+                faults.append(f"{where} (image {ann['image_id']}): box {ann['bbox']} is outside the "
+                              f"{width}x{height} image")
+    return faults
 
 
 @dataclass
@@ -112,6 +164,10 @@ class CocoLayouts:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             instances, captions = COCO(inst_path), COCO(cap_path)
         self.categories: dict[int, str] = {c["id"]: c["name"] for c in instances.loadCats(instances.getCatIds())}
+        faults = annotation_faults(instances.dataset, captions.dataset, self.categories)
+        if faults:
+            raise ValueError(f"{inst_path}, {cap_path}: {len(faults)} annotation faults, no image read: "
+                             f"{listed(faults)}")
         self.dropped = {"no_boxes": 0, "no_captions": 0}
         self.layouts: list[Layout] = []
         for image_id in sorted(instances.getImgIds()):
@@ -129,10 +185,7 @@ class CocoLayouts:
         xyxy, keep = transform_boxes(boxes, width, height, self.image_size, min_visible)
         area = box_areas(xyxy)
         keep &= area >= min_box_area
-        unknown = [a["category_id"] for a in anns if a["category_id"] not in self.categories]
-        if unknown:
-            raise ValueError(f"image {info['id']}: unknown category ids {sorted(set(unknown))}")
-        tags = [self._tag(a) for a in anns]  # every box's, kept or not: a bad tag is bad at any crop size
+        tags = [self._tag(a) for a in anns]
         # Largest first; the stable sort keeps annotation order among equal areas.
         order = [i for i in np.argsort(-area, kind="stable") if keep[i]][:max_objects]
         if not order:
@@ -147,13 +200,9 @@ class CocoLayouts:
                       captions=captions)
 
     def _tag(self, ann: dict) -> str:
-        """The box's tag: the annotation's own `tag` text if it has one, else its category name."""
-        if "tag" not in ann:
-            return self.categories[ann["category_id"]]
-        tag = ann["tag"]
-        if not isinstance(tag, str) or not tag.strip():
-            raise ValueError(f"annotation {ann['id']}: tag must be a non-empty string, got {tag!r}")
-        return tag.strip()
+        """The box's tag: the annotation's own `tag` text if it has one (checked by annotation_faults), else its
+        category name."""
+        return ann["tag"].strip() if "tag" in ann else self.categories[ann["category_id"]]
 
     def __len__(self) -> int:
         return len(self.layouts)
@@ -162,12 +211,15 @@ class CocoLayouts:
         return self.layouts[index]
 
     def image(self, layout: Layout) -> np.ndarray:
-        """The (S, S, 3) uint8 training crop of `layout`'s image."""
+        """The (S, S, 3) uint8 training crop of `layout`'s image; ImageFault when the file cannot give it."""
         path = os.path.join(self.image_dir, layout.file_name)
         try:
             with Image.open(path) as im:
                 if im.size != layout.orig_size:
-                    raise ValueError(f"{path}: size {im.size} differs from the annotation's {layout.orig_size}")
+                    raise ImageFault("wrong_size", f"{path} (image id {layout.image_id}): size {im.size} differs "
+                                     f"from the annotation's {layout.orig_size}")
                 return center_crop(im, self.image_size)
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {path} (image id {layout.image_id}): {e}") from e
+        except FileNotFoundError:
+            raise ImageFault("missing", f"{path} (image id {layout.image_id}): no such file") from None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ImageFault("unreadable", f"{path} (image id {layout.image_id}): {e}") from None

@@ -223,6 +223,28 @@ class OptimizerConfig:
         return self
 
 
+BAD_DATA_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class BadDataConfig:
+    """What training does with a bad sample or shard (`structmar.shards.ShardLoader`); each knob is a flag of its
+    name."""
+
+    on_bad_data: str = knob("raise", "raise: every rank stops with one line naming the shard and member; skip: drop "
+                                     "a bad sample (or the rest of a corrupt shard), counted by reason in the log",
+                            choices=BAD_DATA_POLICIES)
+    max_bad_fraction: float = knob(0.01, "with --on_bad_data skip: stop, naming the shards, once more than this "
+                                         "share of a rank's epoch is bad")
+
+    def validate(self) -> BadDataConfig:
+        if self.on_bad_data not in BAD_DATA_POLICIES:
+            raise ValueError(f"on_bad_data {self.on_bad_data!r} is not one of {BAD_DATA_POLICIES}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction {self.max_bad_fraction} must lie in [0, 1]")
+        return self
+
+
 def knob_groups(cls) -> dict[str, type]:
     """The nested knob groups of a config class: field name -> dataclass (their fields are flat flags)."""
     return {f.name: f.default_factory for f in dataclasses.fields(cls)
@@ -261,6 +283,7 @@ class StageConfig:
     device: str = "cuda"
     seed: int = 1
     num_workers: int = 2
+    bad_data: BadDataConfig = dataclasses.field(default_factory=BadDataConfig)
     save_last_freq: int = 5  # epochs between checkpoints
     save_steps: int = 0  # also checkpoint every this many optimizer steps (0: off)
     keep_checkpoints: int = 2  # DeepSpeed checkpoint tags kept in output_dir/checkpoints
@@ -306,6 +329,7 @@ class StageConfig:
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"ema_rate {self.ema_rate} must lie in [0, 1)")
         self.optimizer.validate()
+        self.bad_data.validate()
         return self
 
     def base_lr(self, global_batch: int) -> float:

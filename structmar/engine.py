@@ -170,6 +170,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """`values` summed element-wise over the ranks (every rank must call it)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 # ---- DeepSpeed config -----------------------------------------------------------------------
 
 

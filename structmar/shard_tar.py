@@ -126,10 +126,12 @@ def _tar_members(f):
     payload is read straight into its own bytes object, then its padding and the next header in one
     more read. Archives using pax or GNU long-name headers are read with tarfile instead.
     """
-    header = _read(f, 512)
+    header, member = _read(f, 512), None
     while True:
         if len(header) < 512:
-            raise ShardError("corrupt", "header cut short")
+            after = f" after member {member.decode(errors='replace')}" if member else ""
+            raise ShardError("corrupt", f"ends without its end-of-archive marker{after}" if not header
+                             else f"tar header{after} cut short")
         if header[0] == 0 and header.count(0) == 512:  # a member header starts with its name
             return  # end-of-archive marker
         try:
@@ -166,19 +168,14 @@ def _tarfile_members(f):
 def iter_shard(path: str, expected: int | None = None):
     """Raw samples (dicts of payload bytes + __key__ + __shard__) of one tar; a bad tar raises ShardError.
 
-    A tar cut short can end cleanly at a member boundary, so truncation is caught two ways: the
-    end-of-archive marker (two zero blocks) must be present, and the sample count must equal `expected`.
+    The samples before a fault are whole and are yielded; the fault raises naming the member it cut
+    (a tar cut at a member boundary lacks its end-of-archive marker: the next header is cut short),
+    and the sample count must equal `expected`.
     """
     name = os.path.basename(path)
     current, last_key, count = None, None, 0
     try:
         with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 1024 or size % 512:
-                raise ShardError("corrupt", f"{size} bytes")
-            f.seek(size - 1024)
-            if _read(f, 1024).count(0) != 1024:
-                raise ShardError("corrupt", "no end-of-archive marker")
             for attempt in range(2):
                 f.seek(0)
                 current, last_key, count = None, None, 0

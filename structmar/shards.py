@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from structmar import atomic
-from structmar.coco import CocoLayouts, Layout, flip_boxes
+from structmar.coco import CocoLayouts, ImageFault, Layout, flip_boxes, listed
+from structmar.config import BadDataConfig
 from structmar.files import read_json
 from structmar.shard_tar import ShardError, iter_shard, load_npy, npy_bytes, sha256, write_shard
 from structmar.tokenizer import latent_scale, sample_posterior
@@ -213,16 +214,17 @@ def update_manifest(out: str, split: str, num_shards: int, common: dict, split_i
                     raise ValueError(f"{path} was written with a different {key} ({old.get(key)!r} vs {value!r}); "
                                      "use a new --out directory")
             manifest["splits"] = old.get("splits", {})
-        shards = []
+        shards, skipped_images = [], []
         for i in range(num_shards):
             side = os.path.join(out, shard_name(split, i) + ".json")
             if os.path.isfile(side):
                 with open(side) as f:
                     s = json.load(f)
                 shards.append({k: s[k] for k in ("name", "num_samples", "sha256", "bytes")})
+                skipped_images += s.get("skipped_images", [])
         manifest["splits"][split] = dict(split_info, shards=shards, num_shards_expected=num_shards,
                                          num_samples=sum(s["num_samples"] for s in shards),
-                                         complete=len(shards) == num_shards)
+                                         skipped_images=skipped_images, complete=len(shards) == num_shards)
         atomic.write_text(path, json.dumps(manifest, indent=1))
         return manifest
 
@@ -244,9 +246,25 @@ def _shard_done(out: str, name: str, fingerprint: dict, image_ids: list[int]) ->
     return s["image_ids"] == image_ids and s["sha256"] == sha256(tar)
 
 
+def _read_image(coco: CocoLayouts, layout: Layout) -> np.ndarray | ImageFault:
+    try:
+        return coco.image(layout)
+    except ImageFault as e:
+        return e
+
+
 def _encode_batch(coco: CocoLayouts, layouts: list[Layout], tokenizer, text_encoder, pool, device,
-                  tag_cache: dict, schema: Schema) -> list[dict]:
-    images = list(pool.map(coco.image, layouts))
+                  tag_cache: dict, schema: Schema) -> tuple[list[dict], list[dict]]:
+    """The samples of `layouts` whose image reads, and {"image_id", "file_name", "reason", "error"} of the others."""
+    read = list(pool.map(lambda lay: _read_image(coco, lay), layouts))
+    faults = [dict(image_id=lay.image_id, file_name=lay.file_name, reason=r.reason, error=str(r))
+              for lay, r in zip(layouts, read, strict=True) if isinstance(r, ImageFault)]
+    if faults:
+        layouts = [lay for lay, r in zip(layouts, read, strict=True) if not isinstance(r, ImageFault)]
+        read = [r for r in read if not isinstance(r, ImageFault)]
+        if not layouts:
+            return [], faults
+    images = read
     x = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, S, S)
     moments = tokenizer.encode(torch.cat([x, x.flip(3)]))  # (2B, 2C, g, g): images, then their flips
     moments = moments.float().unflatten(0, (2, len(layouts))).transpose(0, 1).cpu().numpy()  # (B, 2, 2C, g, g)
@@ -271,7 +289,7 @@ def _encode_batch(coco: CocoLayouts, layouts: list[Layout], tokenizer, text_enco
             raise ValueError(f"image {lay.image_id} ({lay.file_name}): {e}") from None
         samples.append(sample)
         start += n
-    return samples
+    return samples, faults
 
 
 def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, samples_per_shard: int = 1000,
@@ -280,8 +298,10 @@ def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, sample
                  stop_after: int | None = None) -> dict:
     """Write the shards of builder slot `worker_rank` of `num_workers`, skipping shards already complete.
 
-    Returns {"built": [...], "skipped": [...], "manifest": ...}. `stop_after` ends the run after that
-    many shards were built (tests use it to simulate a killed worker).
+    Returns {"built": [...], "skipped": [...], "manifest": ...}. An image that cannot be read (`ImageFault`)
+    is left out of its shard and listed with its reason in the shard's sidecar and the manifest's
+    "skipped_images". `stop_after` ends the run after that many shards were built (tests use it to
+    simulate a killed worker).
     """
     from tqdm import tqdm
 
@@ -317,14 +337,18 @@ def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, sample
             if stop_after is not None and len(built) >= stop_after:
                 break
             name, layouts = shard_name(split, i), plan[i]
-            samples = []
+            samples, faults = [], []
             for b in range(0, len(layouts), batch_size):
-                samples += _encode_batch(coco, layouts[b:b + batch_size], tokenizer, text_encoder, pool, device,
-                                         tag_cache, schema)
+                encoded, bad = _encode_batch(coco, layouts[b:b + batch_size], tokenizer, text_encoder, pool, device,
+                                             tag_cache, schema)
+                samples += encoded
+                faults += bad
                 bar.update(len(layouts[b:b + batch_size]))
             sha, size = write_shard(os.path.join(out, name + ".tar"), samples)
             side = dict(name=name + ".tar", num_samples=len(samples), sha256=sha, bytes=size,
                         image_ids=[lay.image_id for lay in layouts], fingerprint=fingerprint)
+            if faults:
+                side["skipped_images"] = faults
             atomic.write_text(os.path.join(out, name + ".json"), json.dumps(side))
             built.append(name)
     bar.close()
@@ -343,7 +367,8 @@ def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, sample
 
 
 def verify_shards(shard_dir: str, split: str) -> dict:
-    """Re-read every shard of `split` against the manifest (sha256, sample count, every payload); raise on mismatch."""
+    """Re-read every shard of `split` against the manifest (sha256, sample count, every payload); raise on mismatch.
+    Returns the counts and the images the build skipped (the manifest's "skipped_images")."""
     manifest = read_manifest(shard_dir, split)
     schema = _schema(manifest)
     seen: set[str] = set()
@@ -367,7 +392,8 @@ def verify_shards(shard_dir: str, split: str) -> dict:
         if count != s["num_samples"]:
             raise ValueError(f"shard {s['name']}: {count} samples, manifest says {s['num_samples']}")
         total += count
-    return dict(shards=len(manifest["splits"][split]["shards"]), samples=total)
+    entry = manifest["splits"][split]
+    return dict(shards=len(entry["shards"]), samples=total, skipped_images=entry.get("skipped_images", []))
 
 
 def _resolve_slots(num_workers: int, worker_rank: int | None) -> tuple[list[int], int]:
@@ -401,6 +427,15 @@ def _spawned_slot(opts: dict, slot: int, total: int, threads: int) -> None:
     _build_slot(opts, slot, total)
 
 
+def _skipped_images(faults: list[dict]) -> str:
+    """The summary line's account of the images a build skipped: count by reason, then the first few."""
+    if not faults:
+        return ""
+    reasons = Counter(f["reason"] for f in faults)
+    return (f"; {len(faults)} images skipped ({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))}): "
+            + listed([f"{f['file_name']} ({f['reason']})" for f in faults]))
+
+
 def run_build(opts: dict) -> dict:
     """`structmar build-shards`: build this process's slots (spawning local processes when several), then verify."""
     slots, total = _resolve_slots(opts["num_workers"], opts.get("worker_rank"))
@@ -431,11 +466,13 @@ def run_build(opts: dict) -> dict:
     entry = result["manifest"]["splits"][opts["coco_split"]]
     print(f"structmar: {opts['out']}: split {opts['coco_split']}: {len(entry['shards'])}/"
           f"{entry['num_shards_expected']} shards, {entry['num_samples']} samples"
+          + _skipped_images(entry.get("skipped_images", []))
           + ("" if entry["complete"] else " (other workers still running)"))
     if opts.get("verify"):
         if entry["complete"]:
             info = verify_shards(opts["out"], opts["coco_split"])
-            print(f"structmar: verified {info['shards']} shards, {info['samples']} samples")
+            print(f"structmar: verified {info['shards']} shards, {info['samples']} samples"
+                  + _skipped_images(info["skipped_images"]))
         else:
             print("structmar: --verify skipped: the split is not complete yet; rerun with --verify when it is")
     return result
@@ -479,24 +516,27 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return order[self.rank::self.world_size][worker::self.num_workers]
 
     def _pass(self, shards: list[str], counts: Counter):
-        """(shard, key, arrays) of each sample of one pass over `shards`; a bad shard raises, or is skipped and counted.
+        """(shard, key, arrays) of each sample of one pass over `shards`; a bad shard raises, or the rest of it is
+        skipped and its unread samples counted (`counts` is keyed by (reason, shard)).
 
         Each sample is decoded and checked as it is read, while its bytes are still in the CPU cache
         (after the shuffle buffer they are not: ~10% of the loader's time); a bad sample carries the
         ShardError saying why in place of its arrays, raised or counted where it is drawn (`_valid`).
         """
         for name in shards:
+            read = 0
             try:
                 for raw in iter_shard(os.path.join(self.shard_dir, name), self.shard_sizes[name]):
                     try:
                         sample = decode_sample(raw, self.schema)
                     except ShardError as e:
                         sample = e.with_traceback(None)  # a traceback would keep the sample's bytes alive
+                    read += 1
                     yield raw["__shard__"], raw["__key__"], sample
             except ShardError as e:
                 if self.on_error != "skip":
                     raise
-                counts[e.reason] += 1
+                counts[e.reason, name] += max(1, self.shard_sizes[name] - read)
 
     def _stream(self, shards: list[str], counts: Counter, rng: random.Random):
         """Endless shuffled samples: pass after pass over `shards`, each pass a full shuffle-buffer cycle.
@@ -534,7 +574,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             e = sample
             if self.on_error != "skip":
                 raise ShardError(e.reason, f"shard {shard}, sample {key}: {e}") from None
-            counts[e.reason] += 1
+            counts[e.reason, shard] += 1
             bad_run += 1
             if bad_run > max_bad_run:
                 raise ShardError(e.reason, f"a whole pass over this worker's shards held no valid sample "
@@ -542,6 +582,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return out
 
     def __iter__(self):
+        """This worker's batches; a ShardError ends them with {"__error__": [reason, message]}, which ShardLoader
+        raises in the trainer's process (an exception raised in a DataLoader worker reaches it as a traceback)."""
+        try:
+            yield from self._batches()
+        except ShardError as e:
+            yield {"__error__": [e.reason, str(e)]}
+
+    def _batches(self):
         info = torch.utils.data.get_worker_info()
         loader_worker = info.id if info is not None else 0
         # Rotate logical workers so a resumed DataLoader's worker 0 serves the next batch in global order.
@@ -565,7 +613,12 @@ class _ShardStream(torch.utils.data.IterableDataset):
             samples = self._valid(stream, counts, self.batch_size, max_bad_run)
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch, self.rank, worker, 2, j))
             batch = self._collate(samples, gen, staging)
-            batch["__skipped__"].numpy()[:] = [counts[r] for r in SKIP_REASONS]
+            by_reason = Counter()
+            for (reason, _), n in counts.items():
+                by_reason[reason] += n
+            batch["__skipped__"].numpy()[:] = [by_reason[r] for r in SKIP_REASONS]
+            if counts:
+                batch["__bad_shards__"] = sorted({shard for _, shard in counts})
             counts.clear()
             yield batch
 
@@ -663,15 +716,16 @@ class ShardLoader:
     short. The order depends only on (seed, epoch, rank, world_size, num_workers); `state_dict()` is
     {"epoch", "batches"} and a loader restored from it continues exactly where the original was.
     `on_error="skip"` drops bad samples (and the rest of a corrupt shard) and counts them in
-    `.skipped`; the default raises naming the shard and sample.
+    `.skipped`, and raises naming the shards once more than `max_bad_fraction` of this rank's epoch
+    was bad; the default raises naming the shard and sample (and the member of a corrupt tar).
     """
 
     def __init__(self, shard_dir: str, split: str, cfg, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  max_objects: int | None = None, text_length: int | None = None, on_error: str = "raise",
-                 dtype: torch.dtype = torch.float32, pin_memory: bool = False, prefetch_factor: int = 4):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+                 dtype: torch.dtype = torch.float32, pin_memory: bool = False, prefetch_factor: int = 4,
+                 max_bad_fraction: float = BadDataConfig.max_bad_fraction):
+        BadDataConfig(on_error, max_bad_fraction).validate()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         hint = dict(tokenizer=cfg.tokenizer, image_size=cfg.image_size, max_objects=cfg.max_objects,
@@ -705,8 +759,10 @@ class ShardLoader:
             shuffle_buffer=shuffle_buffer, max_objects=max_objects,
             text_length=text_length or self.manifest["text_encoder"]["max_length"],
             scale=latent_scale(cfg.tokenizer), on_error=on_error, dtype=dtype)
+        self.max_bad_fraction = max_bad_fraction
         self.epoch, self.batches = 0, 0
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # bad samples by reason, over the run
+        self.epoch_bad, self.bad_shards = 0, set()  # bad samples this epoch and the shards they came from
 
     def __len__(self) -> int:
         return self.batches_per_worker * self.dataset.num_workers
@@ -717,8 +773,10 @@ class ShardLoader:
                     batch_size=d.batch_size, shuffle=d.shuffle, shuffle_buffer=d.shuffle_buffer, batches=len(self))
 
     def state_dict(self) -> dict:
-        """{"epoch", "batches" consumed in it, "skipped" counts, "layout": what fixes the order}; JSON-safe."""
-        return {"epoch": self.epoch, "batches": self.batches, "skipped": dict(self.skipped), "layout": self._layout()}
+        """{"epoch", "batches" consumed in it, "skipped" counts, this epoch's "epoch_bad" count and "bad_shards",
+        "layout": what fixes the order}; JSON-safe."""
+        return {"epoch": self.epoch, "batches": self.batches, "skipped": dict(self.skipped),
+                "epoch_bad": self.epoch_bad, "bad_shards": sorted(self.bad_shards), "layout": self._layout()}
 
     def load_state_dict(self, state: dict, strict: bool = False) -> None:
         """Continue from `state` (epoch and batches consumed in it).
@@ -741,23 +799,41 @@ class ShardLoader:
             raise ValueError(f"loader state position {batches} is outside this epoch's {len(self)} batches")
         self.epoch, self.batches = int(state["epoch"]), batches
         self.skipped = Counter(state.get("skipped", {}))
+        self.epoch_bad, self.bad_shards = int(state.get("epoch_bad", 0)), set(state.get("bad_shards", ()))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.batches = epoch, 0
+        self.epoch_bad, self.bad_shards = 0, set()
+
+    def _count_bad(self, counts: list[int], shards: list[str]) -> None:
+        """Add one batch's skipped samples (by reason); raise once this epoch's exceed max_bad_fraction."""
+        for reason, n in zip(SKIP_REASONS, counts, strict=True):
+            if n:
+                self.skipped[reason] += n
+                self.epoch_bad += n
+        self.bad_shards.update(shards)
+        epoch_samples = len(self) * self.dataset.batch_size
+        if self.epoch_bad > self.max_bad_fraction * epoch_samples:
+            names = sorted(self.bad_shards)
+            raise ShardError("corrupt", f"more than {self.max_bad_fraction:g} of rank {self.dataset.rank}'s epoch "
+                             f"{self.epoch} is bad data ({self.epoch_bad} bad samples for {epoch_samples}; so far "
+                             f"{dict(self.skipped)}) in {len(names)} shards: {', '.join(names[:5])}"
+                             f"{' ...' if len(names) > 5 else ''}; rerun build-shards to rebuild them, or raise "
+                             "--max_bad_fraction")
 
     def __iter__(self):
         """One epoch (or its remainder after load_state_dict); the next call starts the next epoch."""
         if self.batches >= len(self):
-            self.epoch, self.batches = self.epoch + 1, 0
+            self.set_epoch(self.epoch + 1)
         self.dataset.epoch, self.dataset.start_batch = self.epoch, self.batches
         kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         loader = torch.utils.data.DataLoader(self.dataset, **kwargs)
         for batch in loader:
-            for reason, n in zip(SKIP_REASONS, batch.pop("__skipped__").tolist(), strict=True):
-                if n:
-                    self.skipped[reason] += n
+            if "__error__" in batch:
+                raise ShardError(*batch["__error__"])
+            self._count_bad(batch.pop("__skipped__").tolist(), batch.pop("__bad_shards__", []))
             self.batches += 1
             yield batch
         if self.batches < len(self):

@@ -113,7 +113,9 @@ class EmaSampler:
 
         self.tokenizer = build_tokenizer(model_cfg.tokenizer, vae_path, model_cfg.pixel_patch).to(device).eval()
         self.model = StructMAR(model_cfg).to(device).eval()
-        fixed = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, SAMPLE_IMAGES, seed=cfg.seed, shuffle=False)
+        # a preview: bad samples are left out whatever --on_bad_data says (the training loader applies it)
+        fixed = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, SAMPLE_IMAGES, seed=cfg.seed, shuffle=False,
+                            on_error="skip", max_bad_fraction=1.0)
         self.batch = next(iter(fixed))
         self.names = {int(k): v if isinstance(v, str) else v.get("name", str(k))
                       for k, v in fixed.manifest["categories"].items()}
@@ -231,7 +233,8 @@ def _open_loader(cfg: StageConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> 
     from structmar.shards import ShardLoader
 
     loader = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, cfg.batch_size, rank=env.rank,
-                         world_size=env.world_size, num_workers=cfg.num_workers, seed=cfg.seed)
+                         world_size=env.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                         on_error=cfg.bad_data.on_bad_data, max_bad_fraction=cfg.bad_data.max_bad_fraction)
     if len(loader) // cfg.grad_accum == 0:
         raise ValueError(f"{len(loader)} batches per epoch cannot fill one step of --grad_accum {cfg.grad_accum}")
     return loader
@@ -499,15 +502,27 @@ class Meter:
             "train/epoch": run.epoch + run.loader.batches / len(run.loader),
             "train/nonfinite_total": run.nonfinite_total,
         }
-        scalars.update({f"data/skipped_{reason}": n for reason, n in run.loader.skipped.items()})
+        skipped = _skipped_on_all_ranks(run)
+        scalars.update({f"data/skipped_{reason}": n for reason, n in skipped.items()})
         run.logger.scalars(step, scalars)
         rate = (step - self.run_start_step) / (self.t1 - self.run_start)
         gnorm = scalars["train/grad_norm"]
         run.logger.text(
             f"epoch {run.epoch + 1}/{cfg.epochs} step {step}/{run.total_steps} loss {scalars['train/loss']:.4f} "
             f"lr {lr:.3g} gnorm {float('nan') if gnorm is None else gnorm:.3g} {images_s:.1f} img/s "
-            f"data {100 * scalars['perf/data_wait_share']:.0f}% ETA {_fmt_time((run.total_steps - step) / rate)}")
+            f"data {100 * scalars['perf/data_wait_share']:.0f}% ETA {_fmt_time((run.total_steps - step) / rate)}"
+            + (f" bad data skipped {skipped}" if skipped else ""))
         self.reset()
+
+
+def _skipped_on_all_ranks(run: Run) -> dict[str, int]:
+    """Bad samples skipped so far, by reason, summed over the ranks (with --on_bad_data skip: a collective)."""
+    from structmar.shards import SKIP_REASONS
+
+    counts = [run.loader.skipped[reason] for reason in SKIP_REASONS]
+    if run.cfg.bad_data.on_bad_data == "skip":
+        counts = eng.sum_over_ranks(counts, run.env.device)
+    return {reason: n for reason, n in zip(SKIP_REASONS, counts, strict=True) if n}
 
 
 def _count_nonfinite(run: Run, consecutive: int) -> None:
@@ -520,6 +535,28 @@ def _count_nonfinite(run: Run, consecutive: int) -> None:
         raise FloatingPointError(
             f"{consecutive} consecutive non-finite losses at step {run.step}; stopping. The last "
             f"checkpoint is in {run.cfg.output_dir}/{eng.CHECKPOINTS}; lower --blr or check the data")
+
+
+def _next_batch(batches, env: eng.DistEnv) -> dict | None:
+    """The next micro-batch of this rank's loader, None at the epoch's end. A loader error on any rank stops
+    every rank here, before the step's collectives (where the others would wait on a rank that left): the rank
+    at fault raises its own error (bad data: one line naming the shard and member), the others one pointing to
+    it."""
+    from structmar.shards import ShardError
+
+    error = None
+    try:
+        # data loading may draw from torch's global RNG (DataLoader seeds); keep the model's stream intact
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches, None)
+    except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
+        batch, error = None, e
+    if env.world_size > 1 and eng.any_rank(error is not None, env.device) and error is None:
+        raise ShardError("corrupt", f"rank {env.rank} stops: another rank's data loader failed (its error line "
+                         "names the shard)")
+    if error is not None:
+        raise error
+    return batch
 
 
 def _log_samples(run: Run, sampler: EmaSampler | None) -> None:
@@ -569,9 +606,7 @@ def _train(cfg: StageConfig, objective: Objective, build_model, on_step, stop: _
         batches = iter(loader)
         meter.begin_step()
         while run.step < run.total_steps:
-            # data loading may draw from torch's global RNG (DataLoader seeds); keep the model's stream intact
-            with torch.random.fork_rng(devices=[]):
-                batch = next(batches, None)
+            batch = _next_batch(batches, env)
             if batch is None:
                 break
             meter.batch_ready()

@@ -86,7 +86,8 @@ def test_images_without_boxes_or_captions_are_dropped_and_unknown_categories_rai
     assert coco.dropped == {"no_boxes": 1, "no_captions": 1}
     anns.append(dict(image_id=1, category_id=99, bbox=[0, 0, 16, 16], iscrowd=0))
     _write_coco(str(tmp_path), "s", {1: image}, anns, [(1, "x")], cats)
-    with pytest.raises(ValueError, match="image 1: unknown category ids \\[99\\]"):
+    with pytest.raises(ValueError, match=r"2 annotation faults, no image read: annotation 2: image id 3 is not "
+                                         r"among the images; annotation 3 \(image 1\): unknown category id 99$"):
         CocoLayouts(str(tmp_path), "s", image_size=32)
 
 
@@ -158,5 +159,34 @@ def test_an_annotation_tag_replaces_its_category_name_in_layouts_and_shards(tmp_
 @pytest.mark.parametrize("ann_id, min_box_area", [(5, 0.0), (3, 0.1)])  # 3: a box too small to keep
 def test_a_tag_that_is_not_a_non_empty_string_names_its_annotation(tmp_path, bad, ann_id, min_box_area):
     _tagged_tree(str(tmp_path), {ann_id: bad})
-    with pytest.raises(ValueError, match=rf"^annotation {ann_id}: tag must be a non-empty string, got "):
+    with pytest.raises(ValueError, match=rf"no image read: annotation {ann_id}: tag must be a non-empty string, got "):
         CocoLayouts(str(tmp_path), "train", image_size=32, min_box_area=min_box_area)
+
+
+def test_every_annotation_fault_is_listed_before_any_image_is_read(tmp_path):
+    """Unknown categories, boxes outside their image and duplicate ids in one error (the first five and a count),
+    raised with no image file present: the annotation files are checked whole before any pixel is read."""
+    root = str(tmp_path)
+    _tagged_tree(root, {})
+    path = os.path.join(root, "annotations", "instances_train.json")
+    with open(path) as f:
+        inst = json.load(f)
+    inst["annotations"][1]["category_id"] = 7
+    inst["annotations"][2]["bbox"] = [20, 20, 14, 8]  # ends 2 px past the 32 px edge
+    inst["annotations"][4]["bbox"] = [-4, 0, 8, 8]
+    inst["annotations"][5]["category_id"] = 9
+    inst["annotations"][5]["id"] = 1
+    inst["images"].append(dict(inst["images"][0]))
+    with open(path, "w") as f:
+        json.dump(inst, f)
+    for name in os.listdir(os.path.join(root, "train")):
+        os.remove(os.path.join(root, "train", name))
+    with pytest.raises(ValueError) as e:
+        CocoLayouts(root, "train", image_size=32)
+    message = str(e.value)
+    assert "\n" not in message and "6 annotation faults, no image read: " in message
+    faults = message.split("no image read: ")[1].split("; ")
+    assert faults == ["duplicate image id 1", "duplicate annotation id 1",
+                      "annotation 2 (image 1): unknown category id 7",
+                      "annotation 3 (image 1): box [20, 20, 14, 8] is outside the 32x32 image",
+                      "annotation 5 (image 2): box [-4, 0, 8, 8] is outside the 32x32 image", "and 1 more"]

@@ -568,18 +568,21 @@ def _rl_parser():
 def test_every_rl_flag_is_one_rl_config_field():
     import dataclasses
 
-    from structmar.config import OptimizerConfig
+    from structmar.config import BadDataConfig, OptimizerConfig
 
     rl = _rl_parser()
     dests = {a.dest for a in rl._actions} - {"help", "local_rank"}
     defaults = RLConfig(resume="-")
-    owners = {"grpo": defaults.grpo, "optimizer": defaults.optimizer}
+    owners = {"grpo": defaults.grpo, "optimizer": defaults.optimizer, "bad_data": defaults.bad_data}
     own = {f.name for f in dataclasses.fields(RLConfig)} - set(owners)
-    grpo, optimizer = ({f.name for f in dataclasses.fields(cls)} for cls in (GRPOConfig, OptimizerConfig))
-    assert not (own & grpo or own & optimizer or grpo & optimizer)  # a flag name names one field only
-    assert dests == own | grpo | optimizer == RLConfig.flag_names()
+    grpo, optimizer, bad_data = ({f.name for f in dataclasses.fields(cls)}
+                                 for cls in (GRPOConfig, OptimizerConfig, BadDataConfig))
+    # a flag name names one field only
+    assert not (own & grpo or own & optimizer or grpo & optimizer or bad_data & (own | grpo | optimizer))
+    assert dests == own | grpo | optimizer | bad_data == RLConfig.flag_names()
     for name in dests - {"resume"}:  # each flag's default is its field's
-        holder = defaults.grpo if name in grpo else defaults.optimizer if name in optimizer else defaults
+        holder = next((owners[g] for g, names in (("grpo", grpo), ("optimizer", optimizer), ("bad_data", bad_data))
+                       if name in names), defaults)
         assert rl.get_default(name) == getattr(holder, name), name
     for f in dataclasses.fields(GRPOConfig):  # a GRPO knob's flag is generated from its declaration
         assert rl._option_string_actions[f"--{f.name}"].help.startswith(f.metadata["help"]), f.name

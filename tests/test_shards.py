@@ -85,7 +85,7 @@ def test_shard_format_and_manifest(env):
     # Shard i holds the usable images with sorted-id ranks [8i, 8i + 8).
     ids = [int(r["__key__"]) for r in iter_shard(os.path.join(env["out"], "train2014-000002.tar"))]
     assert ids == [lay.image_id for lay in env["coco"].layouts[16:24]]
-    assert verify_shards(env["out"], "train2014") == dict(shards=5, samples=40)
+    assert verify_shards(env["out"], "train2014") == dict(shards=5, samples=40, skipped_images=[])
 
 
 def test_batches_have_the_contract_shapes_and_ranges(env):
@@ -191,7 +191,7 @@ def test_killed_worker_rerun_completes_without_duplicates(env, tmp_path):
     again = _build(env, out, worker_rank=1, num_workers=2)
     assert again["built"] == ["train2014-000003"] and again["skipped"] == ["train2014-000001"]
     assert sorted(os.listdir(out)) == sorted(os.listdir(env["out"]))
-    assert verify_shards(out, "train2014") == dict(shards=5, samples=40)
+    assert verify_shards(out, "train2014") == dict(shards=5, samples=40, skipped_images=[])
     # Deterministic tars: the pieced-together set is byte-identical to an uninterrupted build.
     assert read_manifest(out)["splits"]["train2014"]["shards"] == read_manifest(env["out"])["splits"]["train2014"][
         "shards"]
@@ -215,7 +215,45 @@ def test_sigkill_during_build_then_rerun(env, tmp_path):
     done = sidecars()
     assert 3 <= done < 40 and not os.path.exists(os.path.join(out, "manifest.json"))
     assert main(cmd[3:] + ["--verify"]) == 0
-    assert verify_shards(out, "train2014") == dict(shards=40, samples=40)
+    assert verify_shards(out, "train2014") == dict(shards=40, samples=40, skipped_images=[])
+
+
+def test_missing_or_unreadable_images_are_skipped_listed_and_verified(env, tmp_path, capsys):
+    """A deleted image file and a JPEG cut short: both left out of their shards, listed with their reason in the
+    manifest and the summary line, and reported again by --verify."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    shutil.copytree(env["root"], root)
+    images = root / "train2014"
+    missing, cut = env["coco"].layouts[3], env["coco"].layouts[10]
+    os.remove(images / missing.file_name)
+    jpeg = io.BytesIO()
+    Image.open(images / cut.file_name).save(jpeg, "JPEG")
+    jpeg_name = cut.file_name.replace(".png", ".jpg")
+    (images / jpeg_name).write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 3 // 4])  # cut in its scan data
+    for kind in ("instances", "captions"):
+        path = root / "annotations" / f"{kind}_train2014.json"
+        tree = json.loads(path.read_text())
+        next(i for i in tree["images"] if i["id"] == cut.image_id)["file_name"] = jpeg_name
+        path.write_text(json.dumps(tree))
+    out = str(tmp_path / "out")
+    assert main(["build-shards", "--coco_root", str(root), "--coco_split", "train2014", "--out", out, "--tokenizer",
+                 "pixel", "--clip_path", env["clip"], "--image_size", str(SIZE), "--samples_per_shard", str(PER_SHARD),
+                 "--min_box_area", "0", "--device", "cpu", "--verify"]) == 0
+    listed = (f"2 images skipped (1 missing, 1 unreadable): {missing.file_name} (missing); "
+              f"{jpeg_name} (unreadable)")
+    summary, verified = capsys.readouterr().out.splitlines()[-2:]
+    assert summary.endswith(f"split train2014: 5/5 shards, 38 samples; {listed}"), summary
+    assert verified == f"structmar: verified 5 shards, 38 samples; {listed}"
+    skipped = read_manifest(out, "train2014")["splits"]["train2014"]["skipped_images"]
+    assert [(s["image_id"], s["reason"]) for s in skipped] == [(missing.image_id, "missing"),
+                                                               (cut.image_id, "unreadable")]
+    assert "no such file" in skipped[0]["error"] and "truncated" in skipped[1]["error"]
+    ids = {i for b in _epoch(ShardLoader(out, "train2014", CFG, 2, shuffle=False)) for i in b["image_ids"].tolist()}
+    assert len(ids) == 38 and not ids & {missing.image_id, cut.image_id}
 
 
 def test_corrupt_shard_raises_or_is_skipped_and_counted(env, tmp_path):
@@ -225,13 +263,26 @@ def test_corrupt_shard_raises_or_is_skipped_and_counted(env, tmp_path):
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
-    with pytest.raises(ShardError, match=r"train2014-000001.tar.*corrupt or truncated tar"):
-        _epoch(ShardLoader(out, "train2014", CFG, BATCH))
+        f.write(data[: len(data) // 2 + 600])  # a cut inside a member, as a copy killed part-way leaves
+    # The error names the shard and the member the cut fell in, also from a DataLoader worker (one line, no traceback).
+    cut = (r"train2014-000001.tar: corrupt or truncated tar after sample \d{12} "
+           r"\((tar header after )?member \d{12}\.\w+\.\w+ cut short\)$")
+    for workers in (0, 1):
+        with pytest.raises(ShardError, match=cut):
+            _epoch(ShardLoader(out, "train2014", CFG, BATCH, num_workers=workers, shuffle=False))
     with pytest.raises(ValueError, match="train2014-000001.tar: sha256 differs"):
         verify_shards(out, "train2014")
-    loader = ShardLoader(out, "train2014", CFG, BATCH, on_error="skip")
-    assert len(_epoch(loader)) == len(loader) and loader.skipped["corrupt"] >= 1
+    # skip: the samples before the cut are used, the rest of the shard is dropped and counted by sample.
+    loader = ShardLoader(out, "train2014", CFG, BATCH, on_error="skip", max_bad_fraction=1.0, shuffle=False)
+    batches = _epoch(loader)
+    seen = {i for b in batches for i in b["image_ids"].tolist()}
+    shard1 = [int(r["__key__"]) for r in iter_shard(os.path.join(env["out"], "train2014-000001.tar"))]
+    assert len(batches) == len(loader) and 0 < len(set(shard1) & seen) < PER_SHARD
+    assert loader.skipped == {"corrupt": PER_SHARD - len(set(shard1) & seen)}
+    # More than --max_bad_fraction of the epoch bad: one line naming the shard.
+    with pytest.raises(ShardError, match=r"more than 0.1 of rank 0's epoch 0 is bad data .* in 1 shards: "
+                                         r"train2014-000001.tar; rerun build-shards"):
+        _epoch(ShardLoader(out, "train2014", CFG, BATCH, on_error="skip", max_bad_fraction=0.1, num_workers=1))
 
 
 def test_bad_samples_name_shard_and_sample(env, tmp_path):
@@ -269,7 +320,7 @@ def test_bad_samples_name_shard_and_sample(env, tmp_path):
     key = raws[0]["__key__"]
     with pytest.raises(ShardError, match=f"shard train2014-000000.tar, sample {key}: NaN or inf in moments"):
         _epoch(ShardLoader(out, "train2014", CFG, BATCH, shuffle=False))
-    loader = ShardLoader(out, "train2014", CFG, BATCH, on_error="skip")
+    loader = ShardLoader(out, "train2014", CFG, BATCH, on_error="skip", max_bad_fraction=1.0)
     batches = _epoch(loader)
     assert len(batches) == len(loader)
     # Counted per encounter: the short share is topped up by a second pass, which meets some bad samples again.
@@ -278,7 +329,7 @@ def test_bad_samples_name_shard_and_sample(env, tmp_path):
     bad_ids = {int(r["__key__"]) for r in raws[:6]}
     assert not bad_ids & {i for b in batches for i in b["image_ids"].tolist()}
     # Resuming mid-epoch in skip mode replays which samples were bad: the same batches follow.
-    resumed = ShardLoader(out, "train2014", CFG, BATCH, on_error="skip")
+    resumed = ShardLoader(out, "train2014", CFG, BATCH, on_error="skip", max_bad_fraction=1.0)
     resumed.load_state_dict({"epoch": 0, "batches": 4})
     assert all(_same(a, b) for a, b in zip(_epoch(resumed), batches[4:], strict=True))
 

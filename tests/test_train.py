@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -396,3 +397,62 @@ def test_a_save_that_fails_part_way_keeps_the_previous_checkpoint(data, tmp_path
     assert (checkpoints / LATEST).read_text() == "step_00000004"
     resumed = _log_losses(out)
     assert [resumed[s] for s in (3, 4)] == [failed[s] for s in (3, 4)]
+
+
+# ---- bad data: --on_bad_data raise / skip under the launcher ------------------------------------------------
+
+
+def test_the_bad_data_flags_are_train_and_rl_flags():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command in ("train", "rl"):
+        args = sub.choices[command].parse_args(["--resume", "x", "--on_bad_data", "skip", "--max_bad_fraction", "0.5"])
+        assert (args.on_bad_data, args.max_bad_fraction) == ("skip", 0.5)
+    with pytest.raises(ValueError, match="max_bad_fraction 2.0 must lie in"):
+        TrainConfig.from_flags(dict(max_bad_fraction=2.0)).validate()
+
+
+@pytest.fixture(scope="module")
+def truncated(data) -> Path:
+    """The shards with train2014-000001.tar cut inside a member (read by one of two ranks)."""
+    shards = data / "truncated"
+    shutil.copytree(data / "shards", shards)
+    tar = shards / "train2014-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 600])
+    return shards
+
+
+def _bad_data_run(data, shards: Path, out: Path, launch, *flags: str, ranks: int = 2):
+    flags = ["train", "--output_dir", str(out), "--data", str(shards), "--resume", str(data / "init.safetensors"),
+             "--batch_size", "2", "--epochs", "1", "--max_steps", "2", "--warmup_epochs", "0", "--lr", "1e-3",
+             "--device", "cpu", "--precision", "fp32", "--num_workers", "1", "--sample_every", "0",
+             "--log_every", "1", "--deepspeed_config", "zero2", *flags]
+    return launch(ranks, ["structmar", *flags], cwd=data, module=True)
+
+
+@pytest.mark.slow
+def test_bad_data_raise_stops_every_rank_with_one_line(data, truncated, launch):
+    proc = _bad_data_run(data, truncated, data / "bad_raise", launch)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if "structmar: error:" in line]
+    assert any(re.search(r"shard train2014-000001.tar: corrupt or truncated tar after sample \d{12} "
+                         r"\((tar header after )?member \d{12}\.\w+\.\w+ cut short\)$", line) for line in lines), lines
+    assert any("another rank's data loader failed" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_bad_data_skip_counts_over_ranks_then_stops_past_max_bad_fraction(data, truncated, launch):
+    out = data / "bad_skip"
+    proc = _bad_data_run(data, truncated, out, launch, "--on_bad_data", "skip", "--max_bad_fraction", "0.5")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    lost = [r["data/skipped_corrupt"] for r in rows if "data/skipped_corrupt" in r]
+    assert lost and 0 < lost[-1] < 16  # the samples after the cut, counted on the rank that read them
+    assert re.search(r"step 2/2 .* bad data skipped \{'corrupt': \d+\}", proc.stdout)
+    # the default --max_bad_fraction (0.01), on one process (stopping every rank is the raise test's): one line
+    proc = _bad_data_run(data, truncated, data / "bad_skip_stop", launch, "--on_bad_data", "skip", ranks=0)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert re.search(r"structmar: error: more than 0.01 of rank 0's epoch 0 is bad data .* in 1 shards: "
+                     r"train2014-000001.tar; rerun build-shards", output), output[-3000:]
