@@ -49,12 +49,14 @@ class Command:
     name: str
     args: Callable[[Path], list[str]]  # structmar's arguments for an output directory
     ranks: int = 0  # 0: one plain process; else that many ranks under the deepspeed launcher
+    steps: int = 0  # optimizer steps it runs (train, rl): kills may be drawn over steps instead of time
 
 
 @dataclass
 class Trial:
     kill_at: float
     landed: bool  # the command was still running when killed
+    continued: str | None = None  # the checkpoint `latest` named after the kill, which the rerun continued
     torn: list[str] = field(default_factory=list)  # what the kill left incomplete under a final name
     differences: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
@@ -116,12 +118,12 @@ def commands(data: Path) -> dict[str, Command]:
         "train": Command("train", lambda out: [
             "train", "--output_dir", str(out), "--resume", str(data / "init.safetensors"), "--train_mode", "full",
             "--batch_size", "2", "--epochs", "10", "--max_steps", "12", "--warmup_epochs", "1", "--lr", "1e-3",
-            "--ema_rate", "0.9", "--save_steps", "4", *common], ranks=2),
+            "--ema_rate", "0.9", "--save_steps", "4", *common], ranks=2, steps=12),
         "rl": Command("rl", lambda out: [
             "rl", "--output_dir", str(out), "--resume", str(data / "init.safetensors"), "--batch_size", "2",
             "--group_size", "2", "--num_iter", "2", "--rollout_steps", "5", "--min_sigma", "0.05", "--lr", "1e-3",
             "--detector", "shapes", "--max_steps", "6", "--save_steps", "2", "--rl_step_ratio", "0.5",
-            "--diffusion_step_ratio", "0.5", "--kl_coef", "0.5", *common]),
+            "--diffusion_step_ratio", "0.5", "--kl_coef", "0.5", *common], steps=6),
         "eval": Command("eval", lambda out: [
             "eval", "--checkpoint", str(data / "init.safetensors"), "--coco_root", str(data / "coco"),
             "--coco_split", "val2014", "--num_layouts", "8", "--batch_size", "2", "--eval_detector", "shapes",
@@ -371,14 +373,32 @@ def trial(cmd: Command, ref: Path, out: Path, kill_at: float, when: Callable[[Pa
     """Kill the command in `out` (see `run_killed`), check what the kill left, rerun it, compare with `ref`."""
     result = Trial(kill_at=kill_at, landed=run_killed(cmd, out, kill_at, when))
     result.torn = torn(out) if out.exists() else []
+    latest = out / "checkpoints" / "latest"
+    result.continued = latest.read_text() if latest.is_file() else None
     run_to_end(cmd, out)
     result.differences = compare(ref, out)
     result.leftovers = leftovers(ref, out)
     return result
 
 
-def sweep(cmd: Command, work: Path, kills: int, seed: int, log: Callable[[str], None] | None = None) -> list[Trial]:
-    """The reference run, then `kills` trials at times drawn uniformly over its wall time by a seeded RNG."""
+def logged_step(step: int) -> Callable[[Path], bool]:
+    """A kill moment: the run's log.jsonl has reached `step` (rank 0 logs each step as it completes)."""
+
+    def reached(out: Path) -> bool:
+        try:
+            lines = (out / "log.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        return any(json.loads(line)["step"] >= step for line in lines if line.endswith("}"))
+
+    return reached
+
+
+def sweep(cmd: Command, work: Path, kills: int, seed: int, log: Callable[[str], None] | None = None,
+          by_step: bool = False) -> list[Trial]:
+    """The reference run, then `kills` trials at times drawn uniformly over its wall time by a seeded RNG; with
+    `by_step` (train, rl), once the log reaches a step drawn uniformly from the run's steps: the moments around
+    saves, which launcher start-up otherwise takes most of the wall time from."""
     log = log or (lambda line: print(line, flush=True))
     base = work / cmd.name
     subprocess.run(["rm", "-rf", str(base)], check=True)
@@ -389,8 +409,12 @@ def sweep(cmd: Command, work: Path, kills: int, seed: int, log: Callable[[str], 
     rng = random.Random(f"{seed}-{cmd.name}")
     trials = []
     for i in range(kills):
-        t = trial(cmd, ref, base / f"kill{i:03d}", rng.uniform(0, duration))
-        log(f"{cmd.name}: kill {i + 1}/{kills} at {t.kill_at:.1f} s{'' if t.landed else ' (had finished)'}: "
+        step = rng.randint(1, cmd.steps) if by_step else None
+        t = trial(cmd, ref, base / f"kill{i:03d}", 3 * duration if step else rng.uniform(0, duration),
+                  logged_step(step) if step else None)
+        moment = f"step {step}" if step else f"{t.kill_at:.1f} s"
+        log(f"{cmd.name}: kill {i + 1}/{kills} at {moment}{'' if t.landed else ' (had finished)'}"
+            f"{'' if t.continued is None else ', rerun continued ' + t.continued}: "
             f"{'identical' if not t.differences else '; '.join(t.differences[:3])}"
             f"{'' if not t.torn else ' | torn: ' + '; '.join(t.torn[:3])}"
             f"{'' if not t.leftovers else ' | leftovers: ' + ', '.join(t.leftovers[:5])}")
@@ -399,10 +423,11 @@ def sweep(cmd: Command, work: Path, kills: int, seed: int, log: Callable[[str], 
 
 
 def table(results: dict[str, list[Trial]]) -> str:
-    lines = ["| command | kills | landed while running | reruns identical | intact after the kill | leftovers found |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| command | kills | landed while running | reruns that continued a checkpoint | reruns identical | "
+             "intact after the kill | leftovers found |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, trials in results.items():
         lines.append(f"| `structmar {name}` | {len(trials)} | {sum(t.landed for t in trials)} | "
+                     f"{sum(t.continued is not None for t in trials)} | "
                      f"{sum(not t.differences for t in trials)} | {sum(not t.torn for t in trials)} | "
                      f"{sum(bool(t.leftovers) for t in trials)} |")
     return "\n".join(lines)
@@ -414,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=10, help="kills per command")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill times")
     p.add_argument("--commands", default=",".join(COMMANDS), help=f"comma-separated subset of {COMMANDS}")
+    p.add_argument("--by_step", action="store_true",
+                   help="train and rl: kill once the log reaches a random step, not at a random time")
     args = p.parse_args(argv)
     work = Path(args.work).resolve()
     cmds = commands(prepare(work))
@@ -421,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(COMMANDS)
     if unknown:
         p.error(f"unknown commands {sorted(unknown)}")
-    results = {name: sweep(cmds[name], work, args.kills, args.seed) for name in names}
+    results = {name: sweep(cmds[name], work, args.kills, args.seed, by_step=args.by_step and cmds[name].steps > 0)
+               for name in names}
     print(table(results))
     return 0 if all(not (t.differences or t.torn or t.leftovers) for ts in results.values() for t in ts) else 1
 
