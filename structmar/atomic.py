@@ -19,6 +19,7 @@ def write_path(path: str, write: Callable[[str], object]) -> None:
     """Call `write(tmp)` with a temp path in `path`'s directory, then move the file to `path` atomically.
 
     For libraries that write to a path themselves (safetensors' save_file, PIL)."""
+    remove_stale_temps(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -33,6 +34,16 @@ def write_path(path: str, write: Callable[[str], object]) -> None:
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def remove_stale_temps(path: str) -> None:
+    """Remove the temp files of `path` that writers killed before their rename left (one writer per path at a
+    time: nothing else reads or names them)."""
+    directory, name = os.path.split(path)
+    prefix = f"{name}.tmp-"
+    for entry in os.listdir(directory or "."):
+        if entry.startswith(prefix):
+            os.remove(os.path.join(directory, entry))
 
 
 def write_with(path: str, write: Callable[[BinaryIO], object]) -> None:

@@ -9,7 +9,8 @@ Checkpoint layout of a run (`<output_dir>/checkpoints/`):
     <tag>/trainer_state.json         step, epoch, world size, ZeRO stage, TrainConfig, ModelConfig
     <tag>/rank_<r>.pt                this rank's RNG states, data position and EMA (shard)
     latest                the tag of the newest complete checkpoint, replaced atomically last
-A kill during a save, or a save that fails (a full disk), leaves `latest` naming the previous, complete tag.
+A kill during a save, or a save that fails (a full disk), leaves `latest` naming the previous, complete tag; the
+run that continues from it removes the half-written one.
 """
 
 from __future__ import annotations
@@ -453,7 +454,7 @@ class Engine:
         """Write checkpoint `tag` under <run_dir>/checkpoints and point `latest` at it. Every rank calls it.
 
         A save that fails part-way (a full disk, a rank that died) raises atomic.SaveError, one line saying that
-        `latest` still names the previous checkpoint; the half-written tag stays until a save of that tag again."""
+        `latest` still names the previous checkpoint; the half-written tag stays until the run continues."""
         ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
         tag_dir = os.path.join(ckpt_dir, tag)
         previous = latest_checkpoint(run_dir)
@@ -477,7 +478,7 @@ class Engine:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise atomic.SaveError(f"checkpoint {tag} in {ckpt_dir} was not completed ({reason}); {intact}") from e
         if self.env.is_main:
-            _prune(ckpt_dir, keep, current=tag)
+            prune_checkpoints(ckpt_dir, keep, current=tag)
         barrier()
 
     def load(self, run_dir: str, tag: str, saved_world_size: int) -> dict:
@@ -543,17 +544,20 @@ def _persistent_buffers(module: torch.nn.Module):
                 yield (f"{mod_name}.{name}" if mod_name else name), b
 
 
-def _prune(ckpt_dir: str, keep: int, current: str) -> None:
-    """Remove all but the newest `keep` complete tags (and their universal conversions)."""
+def prune_checkpoints(ckpt_dir: str, keep: int, current: str) -> None:
+    """Keep the newest `keep` complete tags (and their universal conversions), `current` always; remove the rest,
+    incomplete ones too: a save or a removal that a kill cut short (no other save runs while this one does)."""
     tags = []
     for name in os.listdir(ckpt_dir):
         state = os.path.join(ckpt_dir, name, TRAINER_STATE)
         if os.path.isfile(state):
             tags.append((os.path.getmtime(state), name))
-    old = [name for _, name in sorted(tags)[:-keep] if name != current]
-    for name in old:
-        for d in (name, name + UNIVERSAL_SUFFIX):
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    kept = {name for _, name in sorted(tags)[-keep:]} | {current}
+    kept |= {name + UNIVERSAL_SUFFIX for name in kept}
+    for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        if name not in kept and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- a frozen model (the GRPO reference) ----------------------------------------------------

@@ -320,10 +320,7 @@ def build_shards(coco: CocoLayouts, out: str, tokenizer, text_encoder, *, sample
     todo = [i for i in mine if not _shard_done(out, shard_name(split, i), fingerprint,
                                                 [lay.image_id for lay in plan[i]])]
     for i in todo:  # temp files of a killed run: never renamed, so never part of the set
-        prefix = shard_name(split, i) + ".tar.tmp-"
-        for stale in os.listdir(out):
-            if stale.startswith(prefix):
-                os.remove(os.path.join(out, stale))
+        atomic.remove_stale_temps(os.path.join(out, shard_name(split, i) + ".tar"))
     grid = coco.image_size // tokenizer.stride
     schema = Schema(moments_shape=(2, 2 * tokenizer.channels, grid, grid), text_dim=text_encoder.dim,
                     categories=frozenset(coco.categories))

@@ -339,9 +339,26 @@ def _restore(run: Run, start: Start) -> str:
         loader.set_epoch(run.epoch)
     # a continued run does not rewrite the checkpoint it started from
     run.last_saved, run.export = run.step, os.path.join(cfg.output_dir, EXPORT)
+    if env.is_main:  # what a kill during a save or a removal left: only the checkpoint `latest` names counts
+        eng.prune_checkpoints(os.path.join(cfg.output_dir, eng.CHECKPOINTS), cfg.keep_checkpoints,
+                              current=start.continue_tag)
+    if _export_step(run.export) != run.step:  # killed between the checkpoint and its export: the export is behind
+        export_weights(run.engine, run.model_cfg, run.export,
+                       dict(step=run.step, epoch=saved["epoch"], stage=run.objective.name))
     return (f"continuing {cfg.output_dir} from {start.continue_tag} (step {run.step}, saved with "
             f"{saved['world_size']} ranks, now {env.world_size})"
             + (f"; --resume {cfg.resume} applies to fresh runs only" if cfg.resume else ""))
+
+
+def _export_step(path: str) -> int | None:
+    """The step a stage export was written at (its metadata), or None without one."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return None if step is None else int(step)
 
 
 def _open_logger(run: Run, lines: list[str]) -> eng.NullLogger:

@@ -55,3 +55,10 @@ def test_an_image_is_saved_in_the_format_its_extension_names(tmp_path):
     with pytest.raises(ValueError, match="a.imgx"):
         atomic.save_image(Image.fromarray(pixels), str(tmp_path / "a.imgx"))
     assert sorted(os.listdir(tmp_path)) == ["a.jpg", "a.png"]
+
+
+def test_a_write_removes_the_temp_files_killed_writers_of_that_path_left(tmp_path):
+    (tmp_path / "state.json.tmp-4242").write_bytes(b"half of a write killed by SIGKILL")
+    (tmp_path / "other.json.tmp-4242").write_bytes(b"another path's")
+    atomic.write_text(str(tmp_path / "state.json"), "new")
+    assert sorted(os.listdir(tmp_path)) == ["other.json.tmp-4242", "state.json"]

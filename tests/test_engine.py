@@ -158,8 +158,11 @@ def test_latest_survives_an_interrupted_save(tmp_path):
     (ckpt / "step_00000008" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     tag, state = engine.latest_checkpoint(str(tmp_path))
     assert tag == "step_00000006" and state["step"] == 6
-    engine._prune(str(ckpt), keep=2, current="step_00000006")
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000004", "step_00000006", "step_00000008"]
+    (ckpt / "step_00000002" / engine.TRAINER_STATE).unlink()  # a removal killed part-way
+    (ckpt / "step_00000006_universal").mkdir()
+    engine.prune_checkpoints(str(ckpt), keep=2, current="step_00000006")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000004", "step_00000006",
+                                                      "step_00000006_universal"]
     assert engine.latest_checkpoint(str(tmp_path / "nothing")) is None
 
 
