@@ -316,6 +316,11 @@ class StageConfig:
         """The learning rate at fractional `epoch`: constant unless a stage has a schedule."""
         return base_lr
 
+    def compiled(self) -> bool:
+        """Whether the engine compiles the model's forward: stage 3 (GRPO) runs eager, its rollouts and
+        recomputation call the model outside forward."""
+        return False
+
     def model_overrides(self) -> dict:
         """The ModelConfig fields this stage sets on the model it builds or continues."""
         return dict(grad_checkpointing=self.grad_checkpointing)
@@ -352,6 +357,9 @@ class TrainConfig(StageConfig):
     min_lr: float = 0.0
     lr_schedule: str = "constant"
     label_drop_prob: float = 0.1
+    compile: bool = knob(False, "compile the model's forward and backward with torch.compile (inductor) through "
+                                "DeepSpeed's engine.compile(): the same losses up to rounding, after a compile of "
+                                "minutes at the first steps")
 
     def validate(self) -> TrainConfig:
         super().validate()
@@ -374,6 +382,9 @@ class TrainConfig(StageConfig):
             return base_lr
         progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-8)
         return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def compiled(self) -> bool:
+        return self.compile
 
     def model_overrides(self) -> dict:
         return dict(super().model_overrides(), label_drop_prob=self.label_drop_prob)
