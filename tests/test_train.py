@@ -82,6 +82,20 @@ def test_the_grpo_stage_is_an_objective_for_zero_stages_0_to_2():
     assert not stage.forward_only  # its rollouts call the policy outside forward: the engine refuses ZeRO-3
 
 
+def test_compile_is_a_train_flag_and_only_forward_only_objectives_compile():
+    from structmar.config import RLConfig
+    from structmar.engine import DistEnv, Engine
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert TrainConfig().compiled() is False and RLConfig(resume="x").compiled() is False
+    args = vars(sub.choices["train"].parse_args(["--compile"]))
+    assert TrainConfig.from_flags({k: v for k, v in args.items() if k != "func"}).compiled() is True
+    assert "--compile" not in sub.choices["rl"]._option_string_actions  # GRPO calls the model outside forward
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="calls only the model's forward"):
+        Engine(StructMAR(MODEL), {}, env, 0.9, SupervisedObjective("full").loss, forward_only=False, compile=True)
+
+
 def test_missing_shards_error_names_the_build_command(tmp_path, capsys):
     from structmar.cli import main
 
