@@ -79,13 +79,15 @@ def _add_build_shards(sub) -> None:
 
 
 def _add_knobs(p, group, defaults) -> None:
-    """One flag per field of a knob group (declared with `config.knob`): its name, type, allowed values and help,
-    the default from `defaults`."""
+    """One flag per field of `group` declared with `config.knob`: its name, type, allowed values and help, the
+    default from `defaults` (a stage config's other fields have flags of their own)."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(group)
     for f in dataclasses.fields(group):
+        if "help" not in f.metadata:
+            continue
         kind = hints[f.name]
         spec = dict(default=getattr(defaults, f.name), help=f.metadata["help"])
         if f.metadata["choices"]:
@@ -181,6 +183,7 @@ def _add_train(sub) -> None:
     p.add_argument("--vae_path", default=d.vae_path,
                    help="kl16 checkpoint to decode the --sample_every samples (default: the one the shards were "
                         "built with, else pretrained_models/vae/kl16.ckpt)")
+    _add_knobs(p, TrainConfig, d)
     p.set_defaults(func=_stage_runner(TrainConfig, "structmar.train.run_train"))
 
 

@@ -340,6 +340,11 @@ class StageConfig:
         """The learning rate at fractional `epoch`: constant unless a stage has a schedule."""
         return base_lr
 
+    def compile_backend(self) -> str | None:
+        """The torch.compile backend of the model's forward, None for eager: stage 3 (GRPO) runs eager, its
+        rollouts and recomputation call the model outside forward."""
+        return None
+
     def model_overrides(self) -> dict:
         """The ModelConfig fields this stage sets on the model it builds or continues."""
         return dict(grad_checkpointing=self.grad_checkpointing)
@@ -363,6 +368,7 @@ class StageConfig:
 # ---- training (stages 1-2) --------------------------------------------------------------------
 TRAIN_MODES = ("text_layout", "full")
 LR_SCHEDULES = ("constant", "cosine")
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # torch.compile backends `structmar train --compile` takes
 
 
 @dataclass
@@ -376,6 +382,12 @@ class TrainConfig(StageConfig):
     min_lr: float = 0.0
     lr_schedule: str = "constant"
     label_drop_prob: float = 0.1
+    compile: str | None = knob(None, "compile the model's forward and backward with this torch.compile backend, "
+                                     "through DeepSpeed's engine.compile(): inductor generates fused kernels (the "
+                                     "speed-up, after a compile of minutes at the first steps; its random draws are "
+                                     "its own, so losses differ from eager's by the noise drawn); aot_eager traces "
+                                     "the same graphs and runs them eagerly (eager's losses exactly: checks that a "
+                                     "model compiles, in seconds); default: eager", COMPILE_BACKENDS)
 
     def validate(self) -> TrainConfig:
         super().validate()
@@ -398,6 +410,9 @@ class TrainConfig(StageConfig):
             return base_lr
         progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-8)
         return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def compile_backend(self) -> str | None:
+        return self.compile
 
     def model_overrides(self) -> dict:
         return dict(super().model_overrides(), label_drop_prob=self.label_drop_prob)

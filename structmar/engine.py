@@ -296,12 +296,17 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, env: DistEnv, ema_rate: float,
-                 loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], *, forward_only: bool = False):
+                 loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], *, forward_only: bool = False,
+                 compile: str | None = None):
         """`loss_fn(model, batch) -> (loss, metrics)` is the objective of every step. `forward_only`: it calls
         nothing of `model` but `model(batch)`, and gets the DeepSpeed engine, whose forward gathers ZeRO-3
-        partitions and hooks DeepSpeed's backward (any ZeRO stage); otherwise it gets the bare module."""
+        partitions and hooks DeepSpeed's backward (any ZeRO stage); otherwise it gets the bare module.
+        `compile`: a torch.compile backend the model's forward (and so its backward) runs compiled by;
+        forward-only objectives only, since nothing but `model(batch)` would be compiled."""
         import deepspeed
 
+        if compile and not forward_only:
+            raise ValueError("compiling the model's forward needs an objective that calls only the model's forward")
         if not forward_only and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
             # ZeRO-3 gathers a module's own parameters only around its forward(); an objective that calls
             # other methods (rollouts) would read empty partitions
@@ -317,6 +322,13 @@ class Engine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=_weight_decay_groups(model), config=ds_config
         )
+        if compile:
+            # DeepSpeed's engine.compile() rather than torch.compile(model): it compiles the module in place
+            # (nn.Module.compile), so parameter names, checkpoints and the EMA's keys stay those of the eager model
+            # (torch.compile's wrapper would prefix them `_orig_mod.`); DeepSpeed's own forward (its backward
+            # hooks, gradient-accumulation scaling) stays eager around the compiled module, and its ZeRO-3
+            # gather/release hooks are marked torch.compiler.disable, so they run between the compiled graphs
+            self.ds.compile(backend=compile)
         self.module = self.ds.module
         self.loss_model = self.ds if forward_only else self.module  # what loss_fn is handed
         self.zero_stage = self.ds.zero_optimization_stage()

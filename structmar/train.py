@@ -279,10 +279,13 @@ def _make_engine(cfg: StageConfig, model: torch.nn.Module, objective: Objective,
     ds_config = eng.build_ds_config(cfg.deepspeed_config, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
                                     world_size=env.world_size, lr=base_lr, optimizer=cfg.optimizer,
                                     precision=cfg.precision, load_universal=universal)
-    engine = eng.Engine(model, ds_config, env, cfg.ema_rate, objective.loss, forward_only=objective.forward_only)
+    backend = cfg.compile_backend()
+    engine = eng.Engine(model, ds_config, env, cfg.ema_rate, objective.loss, forward_only=objective.forward_only,
+                        compile=backend)
     plan = (f"{objective.name}: {n_train / 1e6:.2f}M trainable parameters, {env.world_size} ranks x batch "
             f"{cfg.batch_size} x accum {cfg.grad_accum} = {global_batch}, lr {base_lr:.3g}, "
-            f"ZeRO-{engine.zero_stage}, {cfg.precision}, {batches_per_epoch // cfg.grad_accum} steps/epoch")
+            f"ZeRO-{engine.zero_stage}, {cfg.precision}{f', compiled ({backend})' if backend else ''}, "
+            f"{batches_per_epoch // cfg.grad_accum} steps/epoch")
     return engine, base_lr, plan
 
 

@@ -83,6 +83,21 @@ def test_the_grpo_stage_is_an_objective_for_zero_stages_0_to_2():
     assert not stage.forward_only  # its rollouts call the policy outside forward: the engine refuses ZeRO-3
 
 
+def test_compile_is_a_train_flag_and_only_forward_only_objectives_compile():
+    from structmar.config import RLConfig
+    from structmar.engine import DistEnv, Engine
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert TrainConfig().compile_backend() is None and RLConfig(resume="x").compile_backend() is None
+    args = vars(sub.choices["train"].parse_args(["--compile", "inductor"]))
+    assert TrainConfig.from_flags({k: v for k, v in args.items() if k != "func"}).compile_backend() == "inductor"
+    assert "--compile" not in sub.choices["rl"]._option_string_actions  # GRPO calls the model outside forward
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="calls only the model's forward"):
+        Engine(StructMAR(MODEL), {}, env, 0.9, SupervisedObjective("full").loss, forward_only=False,
+               compile="inductor")
+
+
 def test_missing_shards_error_names_the_build_command(tmp_path, capsys):
     from structmar.cli import main
 
@@ -456,3 +471,26 @@ def test_bad_data_skip_counts_over_ranks_then_stops_past_max_bad_fraction(data, 
     assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert re.search(r"structmar: error: more than 0.01 of rank 0's epoch 0 is bad data .* in 1 shards: "
                      r"train2014-000001.tar; rerun build-shards", output), output[-3000:]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_as_the_eager_one(data, tmp_path):
+    """`structmar train --compile aot_eager` (ZeRO-2, in this process) goes through DeepSpeed's engine.compile()
+    and torch.compile's graph capture (Dynamo, AOTAutograd) as `--compile inductor` does, minus code generation,
+    which takes minutes on this CPU: the same losses as eager, bit for bit, and an export with the eager model's
+    names and values (the module is compiled in place); the config records the backend."""
+    import torch._dynamo
+
+    from structmar.cli import main
+
+    assert main([*_cli_flags(data, tmp_path / "eager"), "--max_steps", "3"]) == 0
+    try:
+        assert main([*_cli_flags(data, tmp_path / "compiled"), "--max_steps", "3", "--compile", "aot_eager"]) == 0
+    finally:
+        torch._dynamo.reset()  # no compiled code or guards left for the tests after this one
+    assert _log_losses(tmp_path / "compiled") == _log_losses(tmp_path / "eager")
+    eager, compiled = (read_weights(str(tmp_path / run / EXPORT)) for run in ("eager", "compiled"))
+    assert compiled.model.keys() == eager.model.keys() and compiled.ema.keys() == eager.ema.keys()
+    assert all(torch.equal(compiled.model[k], eager.model[k]) for k in eager.model)
+    saved = json.loads((tmp_path / "compiled" / "train_config.json").read_text())["train"]
+    assert saved["compile"] == "aot_eager"

@@ -8,7 +8,9 @@ launcher (numbers are global: all ranks' images):
     deepspeed --num_gpus 8 tools/bench_train.py --model mar_huge --batch_size 64 --structure on
     deepspeed --num_gpus 8 tools/bench_train.py --model mar_huge --batch_size 64 --structure off
 
-`--structure off` turns 2D RoPE, layout tokens/bias and text cross-attention off (MAR's cost).
+`--structure off` turns 2D RoPE, layout tokens/bias and text cross-attention off (MAR's cost). `--compile`
+times the step compiled (`structmar train --compile`); its compile falls in the untimed warmup, whose
+seconds are printed as warmup_s.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from structmar import engine as eng  # noqa: E402
-from structmar.config import PRECISIONS, PRESETS, OptimizerConfig, model_config  # noqa: E402
+from structmar.config import COMPILE_BACKENDS, PRECISIONS, PRESETS, OptimizerConfig, model_config  # noqa: E402
+from structmar.train import SupervisedObjective  # noqa: E402
 
 
 def synthetic_batch(cfg, batch_size: int, num_boxes: int, text_length: int, generator: torch.Generator) -> dict:
@@ -58,6 +61,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--attention", default="auto", help="attention backend (auto, sdpa, flex)")
+    p.add_argument("--compile", choices=COMPILE_BACKENDS, help="compile the model's forward with this backend "
+                                                             "(structmar train --compile)")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
     if args.local_rank is not None:
@@ -75,13 +80,17 @@ def main(argv=None) -> dict:
     ds_config = eng.build_ds_config(args.deepspeed_config, micro_batch=args.batch_size, grad_accum=1,
                                     world_size=env.world_size, lr=1e-4, optimizer=OptimizerConfig(),
                                     precision=args.precision)
-    engine = eng.Engine(model, ds_config, env, ema_rate=0.9999)
+    objective = SupervisedObjective("full")
+    engine = eng.Engine(model, ds_config, env, 0.9999, objective.loss, forward_only=objective.forward_only,
+                        compile=args.compile)
     gen = torch.Generator().manual_seed(env.rank)
     batches = [synthetic_batch(cfg, args.batch_size, args.num_boxes, args.text_length, gen) for _ in range(2)]
+    start = eng.now()
     for i in range(args.warmup):
         engine.train_step(batches[i % 2], lr=1e-4)
     eng.synchronize(env.device)
     eng.barrier()
+    warmup_s = eng.now() - start
     start = eng.now()
     for i in range(args.steps):
         engine.train_step(batches[i % 2], lr=1e-4)
@@ -90,7 +99,8 @@ def main(argv=None) -> dict:
     seconds = eng.now() - start
     images_s = args.steps * args.batch_size * env.world_size / seconds
     result = dict(model=args.model, structure=args.structure, params_m=round(n_params / 1e6, 2),
-                  zero_stage=engine.zero_stage, precision=args.precision, device=args.device,
+                  zero_stage=engine.zero_stage, precision=args.precision, compiled=args.compile, device=args.device,
+                  threads=torch.get_num_threads(), warmup_s=round(warmup_s, 1),
                   world_size=env.world_size, batch_per_rank=args.batch_size, step_s=round(seconds / args.steps, 4),
                   images_per_s=round(images_s, 2), tokens_per_s=round(images_s * cfg.seq_len, 1),
                   memory_mb=round(eng.memory_mb(env.device), 1))

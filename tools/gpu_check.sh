@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # On a GPU machine: the GPU tests and benchmarks in one run, inside a time budget, each step's output in a
 # log of its own under $OUT (or output/gpu_check). Steps run in the order given (default: all, below),
-# each with its own limit cut to what is left of GPU_CHECK_SECONDS (default 540); a step that no longer
-# fits is skipped and said so. Wheels gathered by tools/gpu_kit.sh (.whl/) are installed first.
+# each with its own limit cut to what is left of GPU_CHECK_SECONDS (default 480: the whole pass stays within
+# 8 minutes on one H100, the measurements first); a step that no longer fits is skipped and said so. Wheels
+# gathered by tools/gpu_kit.sh (.whl/) are installed first.
 #
 #   grpo_ref_resident, grpo_ref_offload  MAR-H GRPO step split and peak GPU memory, the frozen reference's
 #                                ZeRO-3 partitions resident on the GPU or offloaded to CPU memory (the
 #                                difference is what the offload saves, and what it costs in time)
+#   train, train_compiled        tools/bench_train.py, MAR-H, one GPU, ZeRO-2 bf16, batch 32, 5 timed steps
+#                                after 2 untimed, eager or compiled (`structmar train --compile`; the
+#                                compile falls in the untimed steps, its seconds printed as warmup_s)
 #   tests                        python -m pytest gpu_tests (FlexAttention backward, flex vs sdpa in the
 #                                model, bf16 vs fp32, GRPO on the GPU, the reference engine on the GPU)
 #   attention                    tools/bench_attention.py at MAR-H's decoder shapes
-#   train                        tools/bench_train.py, MAR-H, one GPU, ZeRO-2 bf16
 #
 #   bash tools/gpu_check.sh                   # every step
 #   bash tools/gpu_check.sh tests attention   # some
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 out="${OUT:-output/gpu_check}"
-budget="${GPU_CHECK_SECONDS:-540}"
+budget="${GPU_CHECK_SECONDS:-480}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
 if [ -d .whl ]; then
@@ -32,18 +35,21 @@ cat "$out/machine.log"
 
 grpo=(tools/bench_grpo.py --model mar_huge --batch_size 1 --group_size 4 --num_iter 64 --rl_step_ratio 0.125
       --reward frcnn --steps 1 --warmup 1)
-declare -A limit=([grpo_ref_resident]=150 [grpo_ref_offload]=240 [tests]=180 [attention]=60 [train]=120)
+train=(tools/bench_train.py --model mar_huge --batch_size 32 --steps 5 --warmup 2)
+declare -A limit=([grpo_ref_resident]=90 [grpo_ref_offload]=120 [train]=60 [train_compiled]=120 [tests]=120
+                  [attention]=30)
 set_command() {  # cmd=(the command of step $1)
   case $1 in
     grpo_ref_resident) cmd=(python3 "${grpo[@]}" --no-ref_offload) ;;
     grpo_ref_offload) cmd=(python3 "${grpo[@]}" --ref_offload) ;;
     tests) cmd=(python3 -m pytest -q -p no:cacheprovider gpu_tests) ;;
     attention) cmd=(python3 tools/bench_attention.py) ;;
-    train) cmd=(python3 tools/bench_train.py --model mar_huge --batch_size 32 --steps 10 --warmup 3) ;;
+    train) cmd=(python3 "${train[@]}") ;;
+    train_compiled) cmd=(python3 "${train[@]}" --compile inductor) ;;
   esac
 }
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(grpo_ref_resident grpo_ref_offload tests attention train)
+[ ${#steps[@]} -eq 0 ] && steps=(grpo_ref_resident grpo_ref_offload train train_compiled tests attention)
 for name in "${steps[@]}"; do
   if [ -z "${limit[$name]:-}" ]; then echo "gpu_check: unknown step $name (known: ${!limit[*]})" >&2; exit 2; fi
 done
