@@ -53,7 +53,9 @@ GB = 1e9
 
 STEPS = 3  # stages 1-2: optimizer steps (the first is warm-up, left out of the time per step)
 RL_STEPS = 2
-RL = dict(batch_size=1, group_size=2, num_iter=4, rollout_steps=10)  # stage 3's per-rank settings
+# stage 3's per-rank settings; a quarter of the AR steps and of their denoising steps recomputed: the whole update
+# (cost.py: 6.3 TFLOP a step here) would take tens of minutes a step on this CPU
+RL = dict(batch_size=1, group_size=2, num_iter=4, rollout_steps=10, rl_step_ratio=0.25, diffusion_step_ratio=0.25)
 MAR_FILE = "pretrained_models/mar/mar_base/checkpoint-last.pth"
 KL16 = "pretrained_models/vae/kl16.ckpt"
 CLIP = "pretrained_models/clip-vit-base-patch32"
@@ -284,11 +286,11 @@ class PeakWatch(threading.Thread):
                 try:
                     with open(f"/proc/{proc.pid}/status") as f:
                         status = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))
+                    hwm, rss = (int(status[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS"))
                     if proc.pid not in self.labels:
                         self.labels[proc.pid] = self._label(proc)
-                except (OSError, ValueError, psutil.Error):
+                except (OSError, ValueError, KeyError, psutil.Error):  # ended, or a zombie (no memory lines)
                     continue
-                hwm, rss = (int(status[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS"))
                 self.peaks[proc.pid] = max(hwm, self.peaks.get(proc.pid, 0))
                 if training:
                     self.step_peaks[proc.pid] = max(rss, self.step_peaks.get(proc.pid, 0))
@@ -368,7 +370,7 @@ def commands(work: str, steps: int, rl_steps: int) -> list[tuple[str, list[str],
          1, "runs/stage2_sft"),
         ("stage3", [*ds, "rl", "--output_dir", "runs/stage3_rl", "--resume", "runs/stage2_sft", "--detector",
                     "torchvision_frcnn", "--detector_path", FRCNN, "--vae_path", KL16, "--max_steps", str(rl_steps),
-                    "--rl_step_ratio", "1.0", "--kl_coef", "0.02", "--lr", "1e-6", "--grad_checkpointing",
+                    "--kl_coef", "0.02", "--lr", "1e-6", "--grad_checkpointing",
                     *(x for k, v in RL.items() for x in (f"--{k}", str(v))), *common], 1, "runs/stage3_rl"),
         ("eval", [*py, "eval", "--checkpoint", "runs/stage3_rl", "--coco_root", "coco", "--coco_split", "val2014",
                   "--num_layouts", "2", "--batch_size", "2", "--num_iter", str(RL["num_iter"]), "--eval_detector",
@@ -429,7 +431,8 @@ def predict(steps_rl: dict) -> dict:
                                              "activations": acts / GB}}
     recipe = cost.Recipe(epochs=1, batch_size=steps_rl["batch_size"], grad_checkpointing=True, zero=2,
                          group_size=steps_rl["group_size"], num_iter=steps_rl["num_iter"],
-                         denoising_steps=steps_rl["rollout_steps"], ref_offload=True)
+                         denoising_steps=steps_rl["rollout_steps"], rl_step_ratio=steps_rl["rl_step_ratio"],
+                         diffusion_step_ratio=steps_rl["diffusion_step_ratio"], ref_offload=True)
     c = cost.stage_cost(PRESET, 3, WORLD, recipe)
     flops = c.step_images * sum(c.flops_per_image.values())
     states = fp32_states(c.params, 2, WORLD)
@@ -468,7 +471,8 @@ def table(results: dict, prediction: dict) -> tuple[list[dict], str]:
                 "stage1": "text_layout, ZeRO-2, 2 ranks x batch 1",
                 "stage2": "full, ZeRO-3, grad ckpt, 2 ranks x batch 1",
                 "stage3": f"GRPO, ZeRO-2, 2 ranks x {RL['batch_size']} layout x group {RL['group_size']}, "
-                          f"num_iter {RL['num_iter']}, {RL['rollout_steps']} denoising steps, ref offloaded",
+                          f"num_iter {RL['num_iter']}, {RL['rollout_steps']} denoising steps, {RL['rl_step_ratio']} x "
+                          f"{RL['diffusion_step_ratio']} recomputed, reference offloaded",
                 "eval": "2 val layouts, num_iter 4, DETR + Faster R-CNN scores"}
     ranked = lambda d: {k: v for k, v in d.items() if k.startswith("rank")} or d  # noqa: E731
     for name, r in results.items():
