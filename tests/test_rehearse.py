@@ -41,3 +41,29 @@ def test_coco_tree_reads_as_coco(tmp_path):
         assert mask_utils.area(rle) == w * h
         decoded = mask_utils.decode(rle)
         assert decoded[y:y + h, x:x + w].all() and decoded.sum() == w * h
+
+
+def test_checkpointed_blocks_recompute_with_the_forwards_attention_kernels():
+    """Found by the rehearsal (stage 3 at mar_base): GRPO runs its forward under SDPA's math kernel and the
+    backward outside it; a checkpointed block recomputed with the default (fused) kernels saved other tensors and
+    torch.utils.checkpoint refused the backward. The recomputation now runs under the forward's kernels."""
+    import torch
+    from test_model import make_batch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from structmar.config import model_config
+    from structmar.model import StructMAR, mask_by_order, patchify, sample_orders
+
+    grads = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = StructMAR(model_config("tiny", grad_checkpointing=ckpt)).eval()
+        batch = make_batch(model.cfg)
+        mask = mask_by_order(40, sample_orders(3, model.cfg.seq_len, generator=torch.Generator().manual_seed(0)))
+        with sdpa_kernel(SDPBackend.MATH):
+            z = model.predict(patchify(batch["latents"]), mask, model.condition(batch))
+        z.square().mean().backward()
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
