@@ -1,7 +1,8 @@
 """A rehearsal of the paper's recipe at real shapes on this CPU: every input file in its real format at full
 architecture size (random weights), then the real commands, as a user runs them, at mar_base and 256 px.
 
-    nice -n 5 python tools/rehearse.py WORKDIR            # ~15-25 minutes on a 2-core CPU
+    nice -n 5 python tools/rehearse.py WORKDIR    # on the 2-core development CPU at load ~20: stages 1-2 took 10
+                                                  # and 19 minutes, writing the inputs and the shards 8
 
 WORKDIR receives:
 - coco/: a COCO-2014-style tree (train2014/, val2014/, annotations/instances_*.json and captions_*.json) with
