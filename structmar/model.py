@@ -17,6 +17,7 @@ counterpart and is reported as unexpected on load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,6 +48,20 @@ from structmar.diffusion import DiffLoss
 # ---------------------------------------------------------------------------------------------
 # Masking (torch RNG only)
 # ---------------------------------------------------------------------------------------------
+
+
+def _forward_attention_kernels():
+    """torch.utils.checkpoint's context_fn: the recomputation in backward runs with the SDPA kernels the forward
+    ran with. GRPO selects the math kernel around its forward only (--math_attention); a block recomputed with
+    other kernels saves other tensors, which checkpoint refuses (and would give other values)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = torch.backends.cuda  # SDPA's backend switches, which CPU kernels follow too
+    switches = ((SDPBackend.FLASH_ATTENTION, b.flash_sdp_enabled()), (SDPBackend.MATH, b.math_sdp_enabled()),
+                (SDPBackend.EFFICIENT_ATTENTION, b.mem_efficient_sdp_enabled()),
+                (SDPBackend.CUDNN_ATTENTION, b.cudnn_sdp_enabled()))
+    enabled = [k for k, on in switches if on]
+    return contextlib.nullcontext(), sdpa_kernel(enabled)
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
@@ -372,7 +387,7 @@ class StructMAR(nn.Module):
     def _run(self, blocks, x, ctx):
         for block in blocks:
             if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False, context_fn=_forward_attention_kernels)
             else:
                 x = block(x, ctx)
         return x
