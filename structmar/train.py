@@ -85,7 +85,7 @@ def resolve_model_config(cfg: StageConfig, start: Start, file_config: ModelConfi
     """The ModelConfig of this stage: the continued run's, else --model (+ --diffloss_d/w), else the file's."""
     runtime = cfg.model_overrides()
     if start.saved is not None:
-        return dataclasses.replace(ModelConfig.from_dict(start.saved["model_config"]), **runtime).validate()
+        return dataclasses.replace(cfg.model_config_from_dict(start.saved["model_config"]), **runtime).validate()
     if cfg.model is None:
         if file_config is None:
             raise ValueError("--model is required (the --resume weights carry no model config)")
@@ -209,9 +209,10 @@ def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights
                          f"stage in a new --output_dir with --resume {cfg.output_dir}")
     weights = read_weights(start.weights_path) if start.weights_path else None
     model_cfg = resolve_model_config(cfg, start, weights.config if weights else None)
-    hint = dict(tokenizer=model_cfg.tokenizer, image_size=model_cfg.image_size, max_objects=model_cfg.max_objects,
-                pixel_patch=model_cfg.pixel_patch)
-    check_manifest(read_manifest(cfg.shard_dir, cfg.coco_split, hint), model_cfg)
+    shard_cfg = cfg.shard_model_config(model_cfg)
+    hint = dict(tokenizer=shard_cfg.tokenizer, image_size=shard_cfg.image_size, max_objects=shard_cfg.max_objects,
+                pixel_patch=shard_cfg.pixel_patch)
+    check_manifest(read_manifest(cfg.shard_dir, cfg.coco_split, hint), shard_cfg)
     if cfg.sample_every and model_cfg.tokenizer == "kl16" and not os.path.isfile(cfg.vae_path):
         raise FileNotFoundError(f"--vae_path {cfg.vae_path} not found (it decodes the --sample_every samples; "
                                 "pass --sample_every 0 to train without them)")
@@ -221,8 +222,9 @@ def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights
 def _open_loader(cfg: StageConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> ShardLoader:
     from structmar.shards import ShardLoader
 
-    loader = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, cfg.batch_size, rank=env.rank,
-                         world_size=env.world_size, num_workers=cfg.num_workers, seed=cfg.seed)
+    loader = ShardLoader(cfg.shard_dir, cfg.coco_split, cfg.shard_model_config(model_cfg), cfg.batch_size,
+                         rank=env.rank, world_size=env.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                         mirror=cfg.mirror_samples)
     if len(loader) // cfg.grad_accum == 0:
         raise ValueError(f"{len(loader)} batches per epoch cannot fill one step of --grad_accum {cfg.grad_accum}")
     return loader
@@ -385,7 +387,9 @@ def save(run: Run) -> None:
         rank_state["rng_cuda"] = torch.cuda.get_rng_state(env.device)
     run.engine.save(cfg.output_dir, tag, trainer_state, rank_state, keep=cfg.keep_checkpoints)
     export = os.path.join(cfg.output_dir, EXPORT)
-    export_weights(run.engine, run.model_cfg, export, dict(step=step, epoch=run.epoch, stage=run.objective.name))
+    # the categories of the shards it learnt: a planner's must be the image model's it plans for
+    export_weights(run.engine, run.model_cfg, export, dict(step=step, epoch=run.epoch, stage=run.objective.name,
+                                                           categories=json.dumps(run.loader.manifest["categories"])))
     run.logger.text(f"saved {tag} and {export}")
     run.export, run.last_saved = export, step
 
@@ -479,7 +483,8 @@ class Meter:
             "train/lr": lr,
             "train/grad_norm": self.sums["grad_norm"] / self.steps if "grad_norm" in self.sums else None,
             "perf/images_per_s": images_s,
-            "perf/tokens_per_s": images_s * run.model_cfg.seq_len,
+            # image tokens; a model without an image (the planner) logs none
+            "perf/tokens_per_s": images_s * run.model_cfg.seq_len if isinstance(run.model_cfg, ModelConfig) else None,
             "perf/step_time_s": self.time / self.steps,
             "perf/data_wait_share": self.wait / self.time,
             "perf/memory_mb": eng.memory_mb(run.env.device),
