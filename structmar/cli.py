@@ -228,6 +228,12 @@ def _add_sample(sub) -> None:
             raise UserError("structmar sample: pass --layout, or --planner with --prompt (a planned layout)")
         if args.planner is not None and not args.prompt:
             raise UserError("structmar sample: --planner plans a layout from --prompt; pass a caption")
+        if args.layout is not None:
+            spec = read_layout_spec(args.layout)
+            if args.prompt is not None:
+                spec.caption = args.prompt
+            elif not spec.caption:
+                raise UserError(f"{args.layout}: caption: missing; give one in the spec or pass --prompt")
         given = lambda names: {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         gen = load_sampler(args.checkpoint, device=resolve_device(args.device),
                            **given(("clip_path", "vae_path", "ema")))
@@ -236,11 +242,7 @@ def _add_sample(sub) -> None:
 
             args.layout = plan_spec(args.planner, gen, args.prompt, args.out)
             print(f"structmar sample: planned {args.layout}")
-        spec = read_layout_spec(args.layout)
-        if args.prompt is not None:
-            spec.caption = args.prompt
-        elif not spec.caption:
-            raise UserError(f"{args.layout}: caption: missing; give one in the spec or pass --prompt")
+            spec = read_layout_spec(args.layout)
         sampling = SamplingConfig(**given(f.name for f in dataclasses.fields(SamplingConfig)))
         paths = sample_layout(gen, spec, args.out, sampling, source=args.layout,
                               **given(("num_images", "batch_size", "seed")))

@@ -182,6 +182,11 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
 
         size = (mcfg.image_size, mcfg.image_size)
         results["planner"] = planner_results(planner, gen.text_encoder, layouts, merged, size, coco.categories)
+        planned = [dataclasses.replace(lay, boxes=p["boxes"].numpy(), category_ids=p["category_ids"].numpy(),
+                                       tags=[coco.categories[int(c)] for c in p["category_ids"]])
+                   for lay, p in zip(layouts, merged["planned"])]
+        results["figures"] = write_layout_grids(opts.out, opts.num_grids, coco, planned)
+        results["notes"].append("the figures draw the planned layouts (over the generated and the real images)")
     results["seconds_total"] = time.monotonic() - started
     atomic.write_text(os.path.join(opts.out, "results.json"), json.dumps(results, indent=2))
     atomic.write_text(os.path.join(opts.out, "results.md"), results_markdown(results))
