@@ -214,8 +214,10 @@ def _add_sample(sub) -> None:
                                    '"pixels", "image_size": S or [W, H] (needed for pixels), "boxes": [{"box": '
                                    '[x0, y0, x1, y1], "tag": "red circle"}, ...]}.')
     p.add_argument("--checkpoint", required=True, help="a stage export (checkpoint-last.safetensors) or its run dir")
-    p.add_argument("--layout", required=True, help="layout spec JSON file")
+    p.add_argument("--layout", help="layout spec JSON file (or --planner)")
     p.add_argument("--prompt", help="caption (overrides the spec's)")
+    p.add_argument("--planner", help="without --layout: a planner export (or its run dir) plans the --prompt's "
+                                     "layout, written to OUT/layout.json")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num_images", type=int, help="default 4")
     p.add_argument("--batch_size", type=int, help="images per sampler call (default 16)")
@@ -229,14 +231,25 @@ def _add_sample(sub) -> None:
         from structmar.sample import read_layout_spec
         from structmar.sampler import load_sampler, resolve_device, sample_layout
 
-        spec = read_layout_spec(args.layout)
-        if args.prompt is not None:
-            spec.caption = args.prompt
-        elif not spec.caption:
-            raise UserError(f"{args.layout}: caption: missing; give one in the spec or pass --prompt")
+        if (args.layout is None) == (args.planner is None):
+            raise UserError("structmar sample: pass --layout, or --planner with --prompt (a planned layout)")
+        if args.planner is not None and not args.prompt:
+            raise UserError("structmar sample: --planner plans a layout from --prompt; pass a caption")
+        if args.layout is not None:
+            spec = read_layout_spec(args.layout)
+            if args.prompt is not None:
+                spec.caption = args.prompt
+            elif not spec.caption:
+                raise UserError(f"{args.layout}: caption: missing; give one in the spec or pass --prompt")
         given = lambda names: {k: getattr(args, k) for k in names if getattr(args, k) is not None}
         gen = load_sampler(args.checkpoint, device=resolve_device(args.device),
                            **given(("clip_path", "vae_path", "ema")))
+        if args.planner is not None:
+            from structmar.planner import plan_spec
+
+            args.layout = plan_spec(args.planner, gen, args.prompt, args.out)
+            print(f"structmar sample: planned {args.layout}")
+            spec = read_layout_spec(args.layout)
         sampling = SamplingConfig(**given(f.name for f in dataclasses.fields(SamplingConfig)))
         paths = sample_layout(gen, spec, args.out, sampling, source=args.layout,
                               **given(("num_images", "batch_size", "seed")))
@@ -269,6 +282,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--num_grids", type=_positive_int, help="4x4 figure grids to write (default 1)")
     p.add_argument("--device", help="auto (default: cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
     p.add_argument("--gather_timeout", type=float, help="seconds rank 0 waits for the other ranks (default 3600)")
+    p.add_argument("--planner", help="text to image end to end: a planner export (or its run dir) plans each "
+                                     "caption's layout; also scores the plans and the objects of the images")
 
     def run(args):
         import dataclasses
@@ -324,6 +339,27 @@ def _add_rl(sub) -> None:
                    help=f"absolute learning rate, constant ({d.lr:g}: the paper's stage-3 command)")
 
     p.set_defaults(func=_stage_runner(RLConfig, "structmar.grpo.run_rl"))
+
+
+def _add_train_planner(sub) -> None:
+    from structmar.config import PLANNER_PRESETS, PlannerOptions, PlannerTrainConfig
+
+    d = PlannerTrainConfig()
+    # the stage flags, --model redeclared as the planner's preset
+    p = sub.add_parser("train-planner", conflict_handler="resolve",
+                       help="the layout planner (caption -> boxes and categories) on the shards' captions and layouts",
+                       description="Runs as one process, or under deepspeed / torchrun / srun (one process per GPU).")
+    _add_stage_flags(p, d)
+    p.add_argument("--model", default=d.model, choices=sorted(PLANNER_PRESETS), help="planner preset")
+    p.add_argument("--resume", default=d.resume, help="its own --output_dir only (a planner trains from scratch)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="captions per GPU (rank)")
+    p.add_argument("--grad_accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr, help="absolute learning rate, constant")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--sample_every", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--vae_path", default=d.vae_path, help=argparse.SUPPRESS)
+    _add_knobs(p, PlannerOptions, d.planner)
+    p.set_defaults(func=_stage_runner(PlannerTrainConfig, "structmar.planner.run_train_planner"))
 
 
 def _add_demo(sub) -> None:
@@ -383,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_rl(sub)
     _add_app(sub)
+    _add_train_planner(sub)
     return parser
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 # Tokenizers: name -> (latent channels per token, pixels per token side).
 # kl16 is MAR's KL-16 VAE (16 channels, stride 16); pixel is a weight-free RGB patch tokenizer
@@ -20,8 +22,25 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 LAYOUT_BIAS_MODES = ("none", "soft", "hard")
 
 
+class SavedConfig:
+    """A model's config as its checkpoints and exports save it (a dict) and read it back."""
+
+    kind = "model"  # named in errors
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} config keys {unknown}")
+        return cls(**d).validate()
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(SavedConfig):
     """Everything that fixes a StructMAR's parameters and forward semantics."""
 
     preset: str = "tiny"
@@ -120,16 +139,6 @@ class ModelConfig:
             raise ValueError(f"layout_to_image {self.layout_to_image!r} is not one of ('box', 'open')")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}")
-        return cls(**d).validate()
 
 
 # Published MAR shapes (LTH14/mar) and small CPU sizes. kl16 at 256 px gives a 16x16 grid.
@@ -348,6 +357,19 @@ class StageConfig:
     def model_overrides(self) -> dict:
         """The ModelConfig fields this stage sets on the model it builds or continues."""
         return dict(grad_checkpointing=self.grad_checkpointing)
+
+    # whether the loader mirrors half the samples (image and boxes); the planner's stage turns it off, since a
+    # caption's "to the left of" does not mirror with the boxes
+    mirror_samples: ClassVar[bool] = True
+
+    def model_config_from_dict(self, d: dict) -> ModelConfig:
+        """The model config a continued run's checkpoint recorded."""
+        return ModelConfig.from_dict(d)
+
+    def shard_model_config(self, model_cfg: ModelConfig) -> ModelConfig:
+        """The ModelConfig the shards are checked against and read for: the model's own (the planner's stage
+        gives the shards' image side, which its model does not have)."""
+        return model_cfg
 
     @property
     def shard_dir(self) -> str:
@@ -577,3 +599,129 @@ class AppConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must lie in [0, 65535], got {self.port}")
         return self
+
+
+# ---- the layout planner: caption -> layout (`structmar train-planner`) --------------------------------
+PLANNER_TEXT_INPUTS = ("tokens", "pooled", "both")  # what the planner's queries attend to
+
+
+@dataclass
+class PlannerConfig(SavedConfig):
+    """Everything that fixes a layout planner's parameters and loss, with the categories it predicts (class i is
+    `categories[i]`, an (id, name) pair; one more class is "no object"). Saved in its export."""
+
+    kind = "planner"
+
+    preset: str = "tiny"
+    categories: list = dataclasses.field(default_factory=list)  # [[id, name], ...] of the shards it learnt
+    text_dim: int = 512
+    width: int = 32
+    depth: int = 2  # decoder layers
+    num_heads: int = 2
+    num_queries: int = 8  # the most boxes a plan holds
+    dropout: float = 0.1
+    text_input: str = "both"  # tokens: the caption's token states; pooled: its pooled vector; both
+    aux_loss: bool = True  # the set loss after every decoder layer, not only the last
+    class_weight: float = 1.0  # DETR's matching cost and loss weights
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0  # 0: no generalised IoU in the matching cost or the loss
+    no_object_weight: float = 0.1  # weight of the no-object class in the cross-entropy
+
+    def validate(self) -> PlannerConfig:
+        if not self.categories:
+            raise ValueError("a planner needs at least one category")
+        if self.text_input not in PLANNER_TEXT_INPUTS:
+            raise ValueError(f"text_input {self.text_input!r} is not one of {PLANNER_TEXT_INPUTS}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        for name in ("depth", "num_queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+
+PLANNER_PRESETS: dict[str, dict] = {
+    "tiny": dict(width=32, depth=2, num_heads=2, num_queries=8),  # tests
+    # Shapes (at most 6 objects): the demo trains it in about a minute on 2 cores
+    "small": dict(width=128, depth=3, num_heads=4, num_queries=12),
+    # COCO (shards keep up to 16 boxes); DETR's decoder is 6 layers of 256
+    "base": dict(width=256, depth=6, num_heads=8, num_queries=32),
+}
+
+
+@dataclass
+class PlannerOptions:
+    """The planner's own knobs of `structmar train-planner` (the rest are every stage's)."""
+
+    text_input: str = knob("both", "what the queries attend to: the caption's CLIP token states, its pooled vector, "
+                                   "or both", PLANNER_TEXT_INPUTS)
+    aux_loss: bool = knob(True, "the set loss after every decoder layer (DETR's auxiliary losses)")
+    giou_weight: float = knob(2.0, "weight of the generalised IoU in the matching cost and the loss (0: off)")
+    l1_weight: float = knob(5.0, "weight of the L1 box distance (cxcywh) in the matching cost and the loss")
+    no_object_weight: float = knob(0.1, "cross-entropy weight of the no-object class")
+    dropout: float = knob(0.1, "dropout in the decoder")
+
+
+@dataclass
+class PlannerTrainConfig(StageConfig):
+    """`structmar train-planner`: a caption -> layout set predictor trained on the shards' caption states and
+    layouts through the loop and engine of every stage. `--model` names a planner preset."""
+
+    model: str | None = "small"
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-4  # DETR's transformer lr
+    ema_rate: float = 0.999
+    sample_every: int = 0
+    planner: PlannerOptions = dataclasses.field(default_factory=PlannerOptions)
+
+    mirror_samples: ClassVar[bool] = False
+
+    def validate(self) -> PlannerTrainConfig:
+        super().validate()
+        if self.model not in PLANNER_PRESETS:
+            raise ValueError(f"unknown planner preset {self.model!r}; known: {', '.join(PLANNER_PRESETS)}")
+        if self.sample_every:
+            raise ValueError("--sample_every: a planner draws no samples; leave it 0")
+        for name in ("diffloss_d", "diffloss_w"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"--{name} does not apply to the planner")
+        if self.init_ema or self.grad_checkpointing:
+            raise ValueError("--init_ema and --grad_checkpointing do not apply to the planner")
+        if self.resume and os.path.realpath(self.resume) != os.path.realpath(self.output_dir):
+            raise ValueError(f"--resume {self.resume}: a planner trains from scratch; --resume may only name its "
+                             "own --output_dir (rerunning the command continues it anyway)")
+        if self.planner.text_input not in PLANNER_TEXT_INPUTS:
+            raise ValueError(f"text_input {self.planner.text_input!r} is not one of {PLANNER_TEXT_INPUTS}")
+        return self
+
+    def model_overrides(self) -> dict:
+        return {}
+
+    def _manifest(self) -> dict:
+        from structmar.shards import read_manifest
+
+        return read_manifest(self.shard_dir, self.coco_split)
+
+    def model_config(self) -> PlannerConfig:
+        """The preset with this run's knobs, predicting the categories of the shards."""
+        manifest = self._manifest()
+        categories = [[int(k), str(v)] for k, v in sorted(manifest["categories"].items(), key=lambda kv: int(kv[0]))]
+        values = dict(PLANNER_PRESETS[self.model], preset=self.model, categories=categories,
+                      text_dim=manifest["text_encoder"]["dim"], **dataclasses.asdict(self.planner))
+        return PlannerConfig(**values).validate()
+
+    def model_config_from_dict(self, d: dict) -> PlannerConfig:
+        return PlannerConfig.from_dict(d)
+
+    def shard_model_config(self, model_cfg: PlannerConfig) -> ModelConfig:
+        """The shards as they are (the planner reads only their captions and layouts), at most `num_queries`
+        boxes per sample, the largest."""
+        manifest = self._manifest()
+        tokenizer = manifest["tokenizer"]
+        return ModelConfig(tokenizer=tokenizer["name"], image_size=manifest["image_size"],
+                           pixel_patch=tokenizer["stride"] if tokenizer["name"] == "pixel" else 4,
+                           text_dim=manifest["text_encoder"]["dim"],
+                           max_objects=min(manifest["splits"][self.coco_split]["max_objects"],
+                                           model_cfg.num_queries)).validate()

@@ -53,6 +53,7 @@ class EvalOptions:
     num_grids: int = 1  # 4x4 figure grids written
     device: str = "auto"
     gather_timeout: float = 3600.0  # seconds rank 0 waits for the other ranks' results
+    planner: str | None = None  # plan each caption's layout (structmar.planner) instead of taking the data's
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -132,6 +133,7 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
                                             str(device), opts.score_threshold)
     inception = FIDInception.from_file(opts.inception_path, device) if opts.inception_path else None
     clip_scorer = ClipScorer(opts.clip_score_path, device) if opts.clip_score_path else None
+    planner = _load_planner(opts.planner, gen, coco.categories) if opts.planner else None
     fingerprint = _fingerprint(opts, gen.checkpoint)
 
     samples_dir, parts_dir = os.path.join(opts.out, "samples"), os.path.join(opts.out, "parts")
@@ -139,12 +141,16 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
     os.makedirs(parts_dir, exist_ok=True)
     part = dict(fingerprint=fingerprint, index=[], generate_seconds=0.0,
                 **{f"{kind}_{which}": [] for kind in detectors for which in ("generated", "real")},
-                **{f"{name}_{which}": [] for name in ("features", "clip") for which in ("generated", "real")})
+                **{f"{name}_{which}": [] for name in ("features", "clip") for which in ("generated", "real")},
+                **({"planned": []} if planner is not None else {}))
     for j, indices in _batches(len(layouts), opts.batch_size, rank, world_size):
         chosen = [layouts[i] for i in indices]
         captions = [lay.captions[0] for lay in chosen]  # the first caption (lowest annotation id)
-        batch = gen.condition(captions, [lay.boxes for lay in chosen], [lay.tags for lay in chosen],
-                              [lay.category_ids for lay in chosen], [lay.image_id for lay in chosen])
+        if planner is None:
+            batch = gen.condition(captions, [lay.boxes for lay in chosen], [lay.tags for lay in chosen],
+                                  [lay.category_ids for lay in chosen], [lay.image_id for lay in chosen])
+        else:
+            batch = _planned_batch(planner, gen, captions, chosen, part["planned"])
         t0 = time.monotonic()
         generator = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + j)
         images = gen.generate(batch, generator, sampling)  # (B, 3, S, S) in [0, 1]
@@ -171,10 +177,40 @@ def run_eval(opts: EvalOptions, rank: int | None = None, world_size: int | None 
     merged = merge_parts(parts)
     results = _report(opts, gen, coco, layouts, detectors, merged, world_size,
                       sum(p["generate_seconds"] for p in parts))
+    if planner is not None:
+        from structmar.planner import planner_results
+
+        size = (mcfg.image_size, mcfg.image_size)
+        results["planner"] = planner_results(planner, gen.text_encoder, layouts, merged, size, coco.categories)
+        planned = [dataclasses.replace(lay, boxes=p["boxes"].numpy(), category_ids=p["category_ids"].numpy(),
+                                       tags=[coco.categories[int(c)] for c in p["category_ids"]])
+                   for lay, p in zip(layouts, merged["planned"])]
+        results["figures"] = write_layout_grids(opts.out, opts.num_grids, coco, planned)
+        results["notes"].append("the figures draw the planned layouts (over the generated and the real images)")
     results["seconds_total"] = time.monotonic() - started
     atomic.write_text(os.path.join(opts.out, "results.json"), json.dumps(results, indent=2))
     atomic.write_text(os.path.join(opts.out, "results.md"), results_markdown(results))
     return results
+
+
+def _load_planner(path: str, gen, categories: dict[int, str]):
+    """The --planner model, its categories checked against the image model's and the data's."""
+    from structmar.planner import check_categories, load_planner
+
+    planner = load_planner(path, gen.device)
+    check_categories(planner, gen.categories or None, "the image model")
+    check_categories(planner, categories, "the evaluation data")
+    return planner
+
+
+def _planned_batch(planner, gen, captions: list[str], chosen: list, planned: list) -> dict:
+    """The sampler's batch for layouts planned from `captions` (appended to `planned`)."""
+    from structmar.planner import plan_captions
+
+    plans = plan_captions(planner, gen.text_encoder, captions, max_boxes=gen.model.cfg.max_objects)
+    planned += [dict(boxes=torch.from_numpy(p.boxes), category_ids=torch.from_numpy(p.category_ids)) for p in plans]
+    return gen.condition(captions, [p.boxes for p in plans], [p.tags for p in plans],
+                         [p.category_ids for p in plans], [lay.image_id for lay in chosen])
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -342,6 +378,10 @@ def results_markdown(results: dict) -> str:
         lines.append("- CLIP score: skipped")
     lines += ["", f"± is one standard error over images; for AP and AP50, which COCOeval pools over all images, "
                   f"from {AP_BOOTSTRAP} bootstrap resamples of the layouts.", ""]
+    if results.get("planner"):
+        from structmar.planner import planner_markdown
+
+        lines += planner_markdown(results["planner"])
     if results["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     if results["figures"]:

@@ -495,7 +495,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: dict[str, int], shard_dir: str, schema: Schema, *, batch_size: int, rank: int,
                  world_size: int, num_workers: int, batches_per_worker: int, seed: int, shuffle: bool,
                  shuffle_buffer: int, max_objects: int, text_length: int, scale: float, on_error: str,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, mirror: bool = True):
         super().__init__()
         self.shards, self.shard_sizes = sorted(shards), shards  # name -> sample count from the manifest
         self.shard_dir, self.schema = shard_dir, schema
@@ -503,7 +503,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.batches_per_worker, self.seed, self.shuffle, self.shuffle_buffer = (batches_per_worker, seed, shuffle,
                                                                                   shuffle_buffer)
         self.max_objects, self.text_length, self.scale = max_objects, text_length, scale
-        self.on_error, self.dtype = on_error, dtype
+        self.on_error, self.dtype, self.mirror = on_error, dtype, mirror
         self.epoch, self.start_batch = 0, 0
 
     def worker_shards(self, epoch: int, worker: int) -> list[str]:
@@ -623,6 +623,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
         """One batch from decoded `samples`; `staging` keeps this iterator's scratch arrays between batches."""
         b, k, length, d = len(samples), self.max_objects, self.text_length, self.schema.text_dim
         flips = torch.randint(0, 2, (b,), generator=gen).tolist()
+        if not self.mirror:  # drawn all the same: the caption picks below come from the same stream either way
+            flips = [0] * b
         picks = torch.rand(b, generator=gen).tolist()
         latent_shape = (b, self.schema.moments_shape[1] // 2) + self.schema.moments_shape[2:]
         batch = _empty_batch({
@@ -715,13 +717,14 @@ class ShardLoader:
     `on_error="skip"` drops bad samples (and the rest of a corrupt shard) and counts them in
     `.skipped`, and raises naming the shards once more than `max_bad_fraction` of this rank's epoch
     was bad; the default raises naming the shard and sample (and the member of a corrupt tar).
+    `mirror=False` never shows the mirrored view.
     """
 
     def __init__(self, shard_dir: str, split: str, cfg, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  max_objects: int | None = None, text_length: int | None = None, on_error: str = "raise",
                  dtype: torch.dtype = torch.float32, pin_memory: bool = False, prefetch_factor: int = 4,
-                 max_bad_fraction: float = BadDataConfig.max_bad_fraction):
+                 max_bad_fraction: float = BadDataConfig.max_bad_fraction, mirror: bool = True):
         BadDataConfig(on_error, max_bad_fraction).validate()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
@@ -755,7 +758,7 @@ class ShardLoader:
             num_workers=workers, batches_per_worker=self.batches_per_worker, seed=seed, shuffle=shuffle,
             shuffle_buffer=shuffle_buffer, max_objects=max_objects,
             text_length=text_length or self.manifest["text_encoder"]["max_length"],
-            scale=latent_scale(cfg.tokenizer), on_error=on_error, dtype=dtype)
+            scale=latent_scale(cfg.tokenizer), on_error=on_error, dtype=dtype, mirror=mirror)
         self.max_bad_fraction = max_bad_fraction
         self.epoch, self.batches = 0, 0
         self.skipped: Counter = Counter()  # bad samples by reason, over the run

@@ -86,7 +86,7 @@ def resolve_model_config(cfg: StageConfig, start: Start, file_config: ModelConfi
     """The ModelConfig of this stage: the continued run's, else --model (+ --diffloss_d/w), else the file's."""
     runtime = cfg.model_overrides()
     if start.saved is not None:
-        return dataclasses.replace(ModelConfig.from_dict(start.saved["model_config"]), **runtime).validate()
+        return dataclasses.replace(cfg.model_config_from_dict(start.saved["model_config"]), **runtime).validate()
     if cfg.model is None:
         if file_config is None:
             raise ValueError("--model is required (the --resume weights carry no model config)")
@@ -214,10 +214,11 @@ def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights
                          f"stage in a new --output_dir with --resume {cfg.output_dir}")
     weights = read_weights(start.weights_path) if start.weights_path else None
     model_cfg = resolve_model_config(cfg, start, weights.config if weights else None)
-    hint = dict(tokenizer=model_cfg.tokenizer, image_size=model_cfg.image_size, max_objects=model_cfg.max_objects,
-                pixel_patch=model_cfg.pixel_patch)
+    shard_cfg = cfg.shard_model_config(model_cfg)
+    hint = dict(tokenizer=shard_cfg.tokenizer, image_size=shard_cfg.image_size, max_objects=shard_cfg.max_objects,
+                pixel_patch=shard_cfg.pixel_patch)
     manifest = read_manifest(cfg.shard_dir, cfg.coco_split, hint)
-    check_manifest(manifest, model_cfg)
+    check_manifest(manifest, shard_cfg)
     trained_with = TrainedWith.of_shards(manifest, cfg.coco_split)
     if weights is not None and weights.trained_with is not None:
         weights.trained_with.check_text_encoder(trained_with.text_encoder, f"--resume {start.weights_path}",
@@ -232,9 +233,10 @@ def _check_start(cfg: StageConfig, objective: Objective) -> tuple[Start, Weights
 def _open_loader(cfg: StageConfig, model_cfg: ModelConfig, env: eng.DistEnv) -> ShardLoader:
     from structmar.shards import ShardLoader
 
-    loader = ShardLoader(cfg.shard_dir, cfg.coco_split, model_cfg, cfg.batch_size, rank=env.rank,
-                         world_size=env.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                         on_error=cfg.bad_data.on_bad_data, max_bad_fraction=cfg.bad_data.max_bad_fraction)
+    loader = ShardLoader(cfg.shard_dir, cfg.coco_split, cfg.shard_model_config(model_cfg), cfg.batch_size,
+                         rank=env.rank, world_size=env.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                         on_error=cfg.bad_data.on_bad_data, max_bad_fraction=cfg.bad_data.max_bad_fraction,
+                         mirror=cfg.mirror_samples)
     if len(loader) // cfg.grad_accum == 0:
         raise ValueError(f"{len(loader)} batches per epoch cannot fill one step of --grad_accum {cfg.grad_accum}")
     return loader
@@ -515,7 +517,8 @@ class Meter:
             "train/lr": lr,
             "train/grad_norm": self.sums["grad_norm"] / self.steps if "grad_norm" in self.sums else None,
             "perf/images_per_s": images_s,
-            "perf/tokens_per_s": images_s * run.model_cfg.seq_len,
+            # image tokens; a model without an image (the planner) logs none
+            "perf/tokens_per_s": images_s * run.model_cfg.seq_len if isinstance(run.model_cfg, ModelConfig) else None,
             "perf/step_time_s": self.time / self.steps,
             "perf/data_wait_share": self.wait / self.time,
             "perf/memory_mb": eng.memory_mb(run.env.device),

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from structmar.config import model_config
-from structmar.demo import STAGES, DemoConfig, DemoStopped, run_demo
+from structmar.demo import CAPTION_ONLY, STAGES, DemoConfig, DemoStopped, run_demo
 from structmar.model import EXPORT, StructMAR, is_addition, load_weights, read_weights
 
 SMALL = dict(num_train=192, num_val=32, batch_size=32, stage0_steps=12, stage1_steps=6, stage2_steps=6, rl_steps=2,
-             rl_batch_size=2, eval_layouts=16)
+             rl_batch_size=2, eval_layouts=16, planner_steps=4)
 
 
 @pytest.mark.slow
@@ -35,14 +35,19 @@ def test_demo_runs_every_stage_and_a_rerun_continues(tmp_path):
 
     report = run_demo(DemoConfig(out=str(out), **SMALL))
     results = json.loads((out / "results.json").read_text())["results"]
-    assert list(results) == list(STAGES)
-    for name in STAGES:
+    assert list(results) == [*STAGES, CAPTION_ONLY]
+    for name in results:
         layout = results[name]["layout"]["eval"]
         assert results[name]["num_layouts"] == 16
         assert layout["real"]["ap50"] >= 0.9  # the analytic detector's ceiling on the real images
         assert 0.0 <= layout["generated"]["ap50"] <= 1.0 and "ap50_se" in layout["generated"]
         assert (out / "eval" / name / "figures" / "generated_00.png").is_file()
+    for name in STAGES:
         assert (out / name / EXPORT).is_file() and (out / name / "tensorboard").is_dir()
+    # the caption-only row: the last stage's model drew layouts the planner made from the captions
+    assert (out / "planner" / EXPORT).is_file()
+    plan = results[CAPTION_ONLY]["planner"]
+    assert 0 <= plan["layouts"]["planned"]["recall"] <= 1 and plan["relations"]["ground_truth"] >= 0.9
 
     # stage 0 is written in MAR's checkpoint format and loads as official MAR weights do
     weights = read_weights(str(out / "stage0_mar" / "checkpoint-last.pth"))
@@ -56,12 +61,12 @@ def test_demo_runs_every_stage_and_a_rerun_continues(tmp_path):
     assert not all(stage1[k].equal(v) for k, v in weights.model.items() if k in stage1)
 
     text = Path(report).read_text()
-    assert "random-init CLIP" in text and all(name in text for name in STAGES)
+    assert "random-init CLIP" in text and all(name in text for name in STAGES) and "caption only" in text
 
     # a rerun finds every stage complete: nothing is trained again, the report is rewritten
-    stamps = {n: os.stat(out / n / EXPORT).st_mtime_ns for n in STAGES}
+    stamps = {n: os.stat(out / n / EXPORT).st_mtime_ns for n in [*STAGES, "planner"]}
     run_demo(DemoConfig(out=str(out), **SMALL))
-    assert stamps == {n: os.stat(out / n / EXPORT).st_mtime_ns for n in STAGES}
+    assert stamps == {n: os.stat(out / n / EXPORT).st_mtime_ns for n in [*STAGES, "planner"]}
 
 
 def _ap50(results: dict, name: str) -> tuple[float, float]:
