@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from structmar.config import PlannerConfig, PlannerTrainConfig, model_config
-from structmar.model import EXPORT, StructMAR, write_export
+from structmar.model import EXPORT, StructMAR, TrainedWith, write_export
 from structmar.planner import Planner, match, run_train_planner, set_loss
 
 CATEGORIES = [[1, "red circle"], [2, "red square"], [5, "blue square"]]
@@ -152,8 +152,10 @@ def _image_model(data, path, categories=None):
     torch.manual_seed(0)
     sd = StructMAR(cfg).state_dict()
     manifest = json.loads((data / "shards" / "manifest.json").read_text())
-    write_export(str(path), sd, sd, cfg, {"stage": "full",
-                                          "categories": json.dumps(categories or manifest["categories"])})
+    trained_with = TrainedWith.of_shards(manifest, "train2014")
+    if categories is not None:
+        trained_with.categories = {int(k): v for k, v in categories.items()}
+    write_export(str(path), sd, sd, cfg, {"stage": "full"}, trained_with)
     return path
 
 
