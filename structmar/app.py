@@ -6,8 +6,8 @@ same one-line reason), the model is the one `sampler.load_sampler` loads, and a 
 `sampler.sample_layout` does (one generator seeded with the request's seed): the spec the page exports,
 sampled by the command the page shows, gives the same images. With `--planner`, a "Plan from caption" button
 fills the canvas with the layout the planner plans for the caption (as `structmar sample --prompt --planner`
-does), for the user to edit. Gradio and gradio_image_annotation come with the
-`app` extra (`pip install structmar[app]`).
+does), for the user to edit. Gradio and gradio_image_annotation come with the `app` extra
+(`pip install structmar[app]`).
 
 Safety: it listens on 127.0.0.1 unless told otherwise and makes no share link; the canvas is the app's own blank
 image (the handlers take only its boxes) and a layout is imported as JSON text, so no path sent from the browser
