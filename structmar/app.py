@@ -4,8 +4,10 @@ The page is a front end to the calls of `structmar sample`: the boxes drawn on t
 spec (the JSON `structmar sample --layout` reads, parsed by `sample.parse_layout_spec`, so a bad box gets the
 same one-line reason), the model is the one `sampler.load_sampler` loads, and a request samples as
 `sampler.sample_layout` does (one generator seeded with the request's seed): the spec the page exports,
-sampled by the command the page shows, gives the same images. Gradio and gradio_image_annotation come with the
-`app` extra (`pip install structmar[app]`).
+sampled by the command the page shows, gives the same images. With `--planner`, a "Plan from caption" button
+fills the canvas with the layout the planner plans for the caption (as `structmar sample --prompt --planner`
+does), for the user to edit. Gradio and gradio_image_annotation come with the `app` extra
+(`pip install structmar[app]`).
 
 Safety: it listens on 127.0.0.1 unless told otherwise and makes no share link; the canvas is the app's own blank
 image (the handlers take only its boxes) and a layout is imported as JSON text, so no path sent from the browser
@@ -95,6 +97,31 @@ def spec_to_canvas(text: str, canvas: int) -> tuple[str, list[dict]]:
     boxes = [dict(xmin=x0 * canvas, ymin=y0 * canvas, xmax=x1 * canvas, ymax=y1 * canvas, label=tag)
              for (x0, y0, x1, y1), tag in zip(spec.boxes.astype(float).tolist(), spec.tags)]
     return spec.caption, boxes
+
+
+def plan_canvas(planner, gen: Sampler, caption: str, bounds: Bounds, canvas: int) -> tuple[list[dict], str]:
+    """The annotator's boxes of the layout `planner` plans for `caption` (at most the model's max_objects, tagged
+    with their categories' names) and the page's message, with the notice of a caption the text encoder cuts."""
+    from structmar.planner import layout_spec_json, plan_captions, truncation_notices
+
+    if not caption.strip():
+        raise RequestError("caption: missing; type what the image shows, then plan")
+    if len(caption) > bounds.max_text:
+        raise RequestError(f"caption: {len(caption)} characters, more than this page's {bounds.max_text}")
+    plan = plan_captions(planner, gen.text_encoder, [caption], max_boxes=bounds.max_objects, notify=False)[0]
+    _, boxes = spec_to_canvas(json.dumps(layout_spec_json(caption, plan)), canvas)
+    notices = "".join(f" Notice: {line}." for line in truncation_notices(gen.text_encoder, [caption]))
+    return boxes, f"Planned {len(boxes)} boxes from the caption: edit them, then Generate.{notices}"
+
+
+def load_app_planner(path: str, gen: Sampler):
+    """The planner of `--planner`, refused (one line naming the difference) when its categories are not those the
+    image model records."""
+    from structmar.planner import check_categories, load_planner
+
+    planner = load_planner(path, gen.device)
+    check_categories(planner, gen.categories or None, "the image model")
+    return planner
 
 
 def parse_request(bounds: Bounds, spec: dict, num_images, seed, sampling: SamplingConfig) -> Request:
@@ -209,8 +236,9 @@ def read_categories(gen: Sampler, shard_dir: str | None) -> list[str]:
     return [categories[k] for k in sorted(categories)]
 
 
-def build_app(gen: Sampler, app: AppConfig, categories: list[str]):
-    """The page (a gradio.Blocks, queued), serving `gen` within `app`'s bounds."""
+def build_app(gen: Sampler, app: AppConfig, categories: list[str], planner=None):
+    """The page (a gradio.Blocks, queued), serving `gen` within `app`'s bounds; with `planner`, the page also
+    plans a layout from the caption."""
     gr, image_annotator = _gradio()
     bounds = Bounds.of(gen, app)
     cfg = gen.model.cfg
@@ -240,6 +268,13 @@ def build_app(gen: Sampler, app: AppConfig, categories: list[str]):
             return gr.skip(), gr.skip(), f"**Not imported.** {e}"
         return caption, canvas_value(boxes), f"Imported {len(boxes)} boxes."
 
+    def plan(caption):
+        try:
+            boxes, message = plan_canvas(planner, gen, caption or "", bounds, app.canvas)
+        except RequestError as e:
+            return gr.skip(), f"**Not planned.** {e}"
+        return canvas_value(boxes), message
+
     tracker = gr.Progress()  # Gradio finds it among the handler's defaults and shows it in the page
 
     def run(caption, annotation, num_images, seed, guidance, schedule, temperature, num_iter, progress=tracker):
@@ -259,13 +294,17 @@ def build_app(gen: Sampler, app: AppConfig, categories: list[str]):
         gr.Markdown(f"## structmar: draw a layout, get images\n`{gen.checkpoint}`: {cfg.preset} preset, "
                     f"{cfg.image_size} px, {cfg.tokenizer} tokens; up to {bounds.max_objects} boxes, "
                     f"{bounds.max_images} images and {bounds.max_num_iter} AR steps per request. Drag on the "
-                    "canvas to draw a box and name its tag (a category from the list or any text).")
+                    "canvas to draw a box and name its tag (a category from the list or any text)"
+                    + ("; or type a caption and press Plan from caption." if planner is not None else
+                       " (`structmar app --planner PLANNER` adds a Plan from caption button)."))
         with gr.Row():
             with gr.Column():
                 canvas = image_annotator(canvas_value([]), label="Layout", label_list=categories, sources=[],
                                          show_clear_button=False, show_download_button=False,
                                          show_share_button=False, show_remove_button=True, elem_id="canvas")
                 caption = gr.Textbox(label="Caption", max_length=bounds.max_text, elem_id="caption")
+                if planner is not None:
+                    plan_button = gr.Button("Plan from caption", elem_id="plan")
                 with gr.Row():
                     num_images = gr.Slider(1, bounds.max_images, value=min(4, bounds.max_images), step=1,
                                            label="Images", elem_id="num_images")
@@ -291,9 +330,11 @@ def build_app(gen: Sampler, app: AppConfig, categories: list[str]):
                     spec_file = gr.File(label="layout.json", interactive=False, elem_id="spec_file")
 
         go.click(run, [caption, canvas, num_images, seed, guidance, schedule, temperature, num_iter],
-                 [overlays, images, status, command], concurrency_limit=1)
+                 [overlays, images, status, command], concurrency_limit=1, concurrency_id="model")
         export_button.click(export, [caption, canvas], [spec_box, spec_file, status], queue=False)
         import_button.click(import_, [spec_box], [caption, canvas, status], queue=False)
+        if planner is not None:  # in Generate's queue: one model call at a time
+            plan_button.click(plan, [caption], [canvas, status], concurrency_limit=1, concurrency_id="model")
     return page.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 
 
@@ -317,6 +358,7 @@ def serve(app: AppConfig) -> None:
         raise ValueError(f"structmar app needs {' and '.join(missing)}: pip install 'structmar[app]'")
     given = {k: getattr(app, k) for k in ("clip_path", "vae_path") if getattr(app, k) is not None}
     gen = load_sampler(app.checkpoint, device=resolve_device(app.device), **given)
+    planner = None if app.planner is None else load_app_planner(app.planner, gen)
     categories = read_categories(gen, app.categories)
     print(f"structmar app: serving {gen.checkpoint} on http://{app.host}:{app.port} (Ctrl-C stops it)", flush=True)
-    build_app(gen, app, categories).launch(**launch_options(app))
+    build_app(gen, app, categories, planner).launch(**launch_options(app))

@@ -583,6 +583,9 @@ class AppConfig:
     device: str = knob("auto", "auto (cuda if available, else cpu), cpu, cuda:N")
     categories: str | None = knob(None, "a shard directory whose category names the tag menu offers (default: the "
                                         "names the export recorded; a tag may also be free text)")
+    planner: str | None = knob(None, "a planner export (structmar train-planner) or its run directory: adds a "
+                                     "\"Plan from caption\" button that fills the canvas with the layout it plans "
+                                     "(default: no button)")
     max_images: int = knob(8, "images one request may ask for (sampled as one batch)")
     max_num_iter: int = knob(64, "autoregressive steps one request may ask for")
     max_text: int = knob(200, "characters of a caption or a tag")

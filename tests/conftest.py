@@ -26,15 +26,16 @@ def pixel_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """Writes a random tiny StructMAR export (pixel tokenizer, 32 px) whose EMA differs from its raw weights, and the
-    tiny random CLIP it reads: tiny_export(name, max_objects=4) -> dict(dir, clip, path), the export at
-    dir/checkpoint-last.safetensors (so dir is also a run directory)."""
+    tiny random CLIP it reads: tiny_export(name, max_objects=4, categories=None) -> dict(dir, clip, path), the export
+    at dir/checkpoint-last.safetensors (so dir is also a run directory), recording `categories` ({id: name}) if given
+    as a stage's export records its shards'."""
     import torch
 
     from structmar.config import model_config
-    from structmar.model import EXPORT, StructMAR, write_export
+    from structmar.model import EXPORT, StructMAR, TrainedWith, write_export
     from structmar.text import write_random_clip
 
-    def build(name: str, max_objects: int = 4):
+    def build(name: str, max_objects: int = 4, categories: dict | None = None):
         d = tmp_path_factory.mktemp(name)
         clip = write_random_clip(str(d / "clip"), seed=0, size="tiny")
         cfg = model_config("tiny", text_dim=32, num_sampling_steps=4, max_objects=max_objects)
@@ -43,10 +44,36 @@ def tiny_export(tmp_path_factory):
         ema = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
                for k, v in model.state_dict().items()}
         path = str(d / EXPORT)
-        write_export(path, model.state_dict(), ema, cfg, {"step": 0})
+        # the encoders recorded without a path or digest: any tiny CLIP of this width may sample it
+        trained_with = TrainedWith(dict(id="clip:32", path=None, sha256=None), dict(name="pixel", path=None,
+                                                                                   sha256=None), categories)
+        write_export(path, model.state_dict(), ema, cfg, {"step": 0}, trained_with if categories else None)
         return dict(dir=d, clip=clip, path=path)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_planner(pixel_shards, tmp_path_factory):
+    """A tiny layout planner trained a few steps on small Shapes pixel shards, on one torch thread (a small model's
+    steps are overhead-bound: more threads on 2 shared cores only contend): dict(run, root), its export in run and
+    the shards, their CLIP and COCO files under root."""
+    import torch
+
+    from structmar.config import PlannerTrainConfig
+    from structmar.planner import run_train_planner
+
+    root = pixel_shards("tiny_planner", 64, 4, 64)
+    run = tmp_path_factory.mktemp("tiny_planner_run") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_train_planner(PlannerTrainConfig(output_dir=str(run), data=str(root / "shards"), coco_split="train2014",
+                                             model="tiny", batch_size=16, max_steps=6, lr=2e-3, device="cpu",
+                                             precision="fp32", deepspeed_config="zero2", num_workers=0, seed=0))
+    finally:
+        torch.set_num_threads(threads)
+    return dict(run=run, root=root)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""`structmar app`: request bounds, the layout spec's export and import, sampling as `structmar sample` does, and
-the page in a real browser (headless Chromium driven by Playwright) on a tiny export."""
+"""`structmar app`: request bounds, the layout spec's export and import, sampling as `structmar sample` does,
+planning the canvas from the caption, and the page in a real browser (headless Chromium driven by Playwright) on a
+tiny export."""
 
 import json
 import os
@@ -17,7 +18,9 @@ from structmar.app import (
     RequestError,
     canvas_spec,
     generate,
+    load_app_planner,
     parse_request,
+    plan_canvas,
     read_categories,
     sample_command,
     spec_text,
@@ -140,6 +143,56 @@ def test_the_tag_menu_offers_the_exports_categories_or_the_shards(pixel_shards):
         read_categories(recorded, str(root))
 
 
+PLAN_CAPTION = "a red circle to the left of a blue square"
+
+
+def _shard_categories(planner_data) -> dict[int, str]:
+    manifest = json.loads((planner_data["root"] / "shards" / "manifest.json").read_text())
+    return {int(k): v for k, v in manifest["categories"].items()}
+
+
+def _corners(boxes: list[dict]) -> np.ndarray:
+    return np.array([[b[k] for k in ("xmin", "ymin", "xmax", "ymax")] for b in boxes])
+
+
+def test_plan_from_caption_puts_the_planned_boxes_on_the_canvas(tiny_export, tiny_planner):
+    from structmar.planner import plan_captions
+
+    made = tiny_export("app_planned", max_objects=2, categories=_shard_categories(tiny_planner))
+    gen = load_sampler(str(made["dir"]), clip_path=made["clip"])
+    planner = load_app_planner(str(tiny_planner["run"]), gen)  # the categories agree: loaded
+    [plan] = plan_captions(planner, gen.text_encoder, [PLAN_CAPTION], notify=False)
+    for max_objects in (1, 8):  # capped at the model's max_objects, best first
+        boxes, message = plan_canvas(planner, gen, PLAN_CAPTION, Bounds(max_objects, 4, 8, 400), CANVAS)
+        n = min(max_objects, len(plan.tags))
+        assert message.startswith(f"Planned {n} boxes from the caption") and "Notice" not in message
+        assert [b["label"] for b in boxes] == plan.tags[:n]
+        np.testing.assert_allclose(_corners(boxes), plan.boxes[:n] * CANVAS, atol=0.01)  # the spec's 5 decimals
+
+    long_caption = "a red circle " * 10  # 130 characters; the test's CLIP spells them symbol by symbol: 102 tokens
+    assert "Notice: caption 0 has 102 tokens; the text encoder takes 77: truncated" in \
+        plan_canvas(planner, gen, long_caption, Bounds(2, 4, 8, 200), CANVAS)[1]
+    for caption, reason in ((long_caption, "caption: 130 characters, more than this page's 100"),
+                            (" ", "caption: missing")):
+        with pytest.raises(RequestError, match=reason):
+            plan_canvas(planner, gen, caption, Bounds(2, 4, 8, 100), CANVAS)
+
+
+def test_a_planner_of_other_categories_is_a_one_line_error(tiny_export, tiny_planner, monkeypatch, capsys):
+    import structmar.app
+
+    categories = _shard_categories(tiny_planner)
+    categories[3] = "red triangular thing"
+    made = tiny_export("app_other_categories", max_objects=2, categories=categories)
+    monkeypatch.setattr(structmar.app, "build_app", lambda *a: pytest.fail("served with a mismatched planner"))
+    assert main(["app", "--checkpoint", str(made["dir"]), "--planner", str(tiny_planner["run"]), "--clip_path",
+                 made["clip"], "--device", "cpu"]) == 2
+    err = capsys.readouterr().err  # the text encoder's loading bar, then the error
+    [line] = [x for x in err.splitlines() if x.startswith("structmar: error:")]
+    assert "Traceback" not in err and line.startswith("structmar: error: --planner ") and line.endswith(
+        "its categories differ from the image model's: id 3 is 'red triangle' vs 'red triangular thing'")
+
+
 def test_app_command_errors_are_one_line(capsys):
     assert main(["app"]) == 2
     assert capsys.readouterr().err.strip() == ("structmar: error: --checkpoint is required: a stage export or its "
@@ -215,7 +268,7 @@ def _generate(page, expect: str) -> str:
     return page.inner_text("#status")
 
 
-def test_the_page_in_a_browser(run_dir, tmp_path):
+def test_the_page_in_a_browser(run_dir, tiny_planner, tmp_path):
     chromium = _browser_or_skip()
     from playwright.sync_api import sync_playwright
 
@@ -224,7 +277,8 @@ def test_the_page_in_a_browser(run_dir, tmp_path):
     app = AppConfig(checkpoint=run_dir["run"], clip_path=run_dir["clip"], port=_free_port(), max_images=4,
                     max_num_iter=16).validate()
     gen = load_sampler(app.checkpoint, clip_path=app.clip_path)
-    page_app = build_app(gen, app, ["red circle", "blue square", "green triangle"])
+    planner = load_app_planner(str(tiny_planner["run"]), gen)
+    page_app = build_app(gen, app, ["red circle", "blue square", "green triangle"], planner)
     page_app.launch(prevent_thread_lock=True, quiet=True, **launch_options(app))
     hosts = set()
     try:
@@ -269,6 +323,19 @@ def test_the_page_in_a_browser(run_dir, tmp_path):
             page.get_by_label("number input for Images").press("Tab")
             assert "Generated 2 images" in _generate(page, "Generated 2")
             assert _gallery(page, "images") == [[32, 32]] * 2
+
+            from structmar.planner import plan_captions
+
+            [plan] = plan_captions(planner, gen.text_encoder, [PLAN_CAPTION], max_boxes=2, notify=False)
+            page.fill("#caption textarea", PLAN_CAPTION)
+            page.click("#plan")
+            planned = f"Planned {len(plan.tags)} boxes"
+            page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(planned)})")
+            page.click("#export")  # what the canvas now holds
+            exported = f"Exported {len(plan.tags)} boxes"
+            page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(exported)})")
+            boxes = json.loads(page.locator("#spec .cm-content").inner_text())["boxes"]
+            assert sorted(b["tag"] for b in boxes) == sorted(plan.tags)
             browser.close()
     finally:
         page_app.close()
