@@ -18,11 +18,13 @@ is read (Gradio itself serves and accepts files only from its own cache); each r
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
 import os
 import shlex
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -244,6 +246,7 @@ def build_app(gen: Sampler, app: AppConfig, categories: list[str], planner=None)
     cfg = gen.model.cfg
     blank = np.full((app.canvas, app.canvas, 3), 255, dtype=np.uint8)
     exports = tempfile.mkdtemp(prefix="structmar-app-")
+    atexit.register(shutil.rmtree, exports, True)  # the exported specs' downloads live as long as the server
     d = SamplingConfig()
 
     def canvas_value(boxes: list[dict]) -> dict:
