@@ -199,6 +199,14 @@ def iter_shard(path: str, expected: int | None = None):
                     if count:
                         raise ShardError("corrupt", "mixes plain and extended tar headers") from None
     except (ShardError, tarfile.TarError, OSError, EOFError) as e:
+        if last_key is None and os.path.isfile(path):
+            from structmar.files import TAR, sniff
+
+            kind = sniff(path)  # a file that is no tar at all: say what it is instead
+            if kind == "empty":
+                raise ShardError("corrupt", f"shard {path} is empty (0 bytes)") from None
+            if kind != TAR:
+                raise ShardError("corrupt", f"shard {path} is {kind}, not a tar") from None
         where = f"after sample {last_key}" if last_key else "at its start"
         raise ShardError("corrupt", f"shard {name}: corrupt or truncated tar {where} ({e})") from None
     if current is not None:
