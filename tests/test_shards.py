@@ -1,11 +1,7 @@
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -197,25 +193,6 @@ def test_killed_worker_rerun_completes_without_duplicates(env, tmp_path):
         "shards"]
     with pytest.raises(ValueError, match="samples_per_shard 8.*new --out"):
         build_shards(env["coco"], out, PixelTokenizer(4), env["text"], samples_per_shard=4, progress=False)
-
-
-@pytest.mark.slow
-def test_sigkill_during_build_then_rerun(env, tmp_path):
-    out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "structmar", "build-shards", "--coco_root", env["root"], "--coco_split",
-           "train2014", "--out", out, "--tokenizer", "pixel", "--clip_path", env["clip"], "--image_size", str(SIZE),
-           "--samples_per_shard", "1", "--batch_size", "1", "--min_box_area", "0", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    sidecars = lambda: sum(n.endswith(".json") for n in os.listdir(out)) if os.path.isdir(out) else 0
-    while time.time() < deadline and sidecars() < 3:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sidecars()
-    assert 3 <= done < 40 and not os.path.exists(os.path.join(out, "manifest.json"))
-    assert main(cmd[3:] + ["--verify"]) == 0
-    assert verify_shards(out, "train2014") == dict(shards=40, samples=40, skipped_images=[])
 
 
 def test_missing_or_unreadable_images_are_skipped_listed_and_verified(env, tmp_path, capsys):
