@@ -348,8 +348,7 @@ def _restore(run: Run, start: Start) -> str:
         eng.prune_checkpoints(os.path.join(cfg.output_dir, eng.CHECKPOINTS), cfg.keep_checkpoints,
                               current=start.continue_tag)
     if _export_step(run.export) != run.step:  # killed between the checkpoint and its export: the export is behind
-        export_weights(run.engine, run.model_cfg, run.export,
-                       dict(step=run.step, epoch=saved["epoch"], stage=run.objective.name))
+        _export(run, run.export, run.step, saved["epoch"])
     return (f"continuing {cfg.output_dir} from {start.continue_tag} (step {run.step}, saved with "
             f"{saved['world_size']} ranks, now {env.world_size})"
             + (f"; --resume {cfg.resume} applies to fresh runs only" if cfg.resume else ""))
@@ -422,8 +421,7 @@ def save(run: Run) -> None:
         rank_state["rng_cuda"] = torch.cuda.get_rng_state(env.device)
     run.engine.save(cfg.output_dir, tag, trainer_state, rank_state, keep=cfg.keep_checkpoints)
     export = os.path.join(cfg.output_dir, EXPORT)
-    export_weights(run.engine, run.model_cfg, export, dict(step=step, epoch=run.epoch, stage=run.objective.name),
-                   run.trained_with)
+    _export(run, export, step, run.epoch)
     run.logger.text(f"saved {tag} and {export}")
     run.export, run.last_saved = export, step
 
@@ -669,6 +667,13 @@ def _train(cfg: StageConfig, objective: Objective, build_model, on_step, stop: _
     run.logger.close()
     eng.barrier()
     return Summary(run.step, run.epoch, losses, run.nonfinite_total, preempted, run.export)
+
+
+def _export(run: Run, path: str, step: int, epoch: int) -> None:
+    """The stage export of `run` at `step`: what a save writes, and what a continued run rewrites when a kill
+    left it behind its checkpoint."""
+    export_weights(run.engine, run.model_cfg, path, dict(step=step, epoch=epoch, stage=run.objective.name),
+                   run.trained_with)
 
 
 def export_weights(engine: eng.Engine, model_cfg: ModelConfig, path: str, meta: dict,
