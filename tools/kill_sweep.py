@@ -226,11 +226,21 @@ def _numbers(obj):
     return obj
 
 
+def _load_pt(path: Path):
+    """A torch.save file a command wrote, loaded as structmar loads its own (weights_only=True: nothing in it
+    runs), with the three DeepSpeed classes its optimizer states pickle beside their tensors allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from structmar.files import load_torch_pickle
+
+    return load_torch_pickle(str(path), "checkpoint file", (LossScaler, ZeroStageEnum, fragment_address))
+
+
 def _same_part(a: Path, b: Path) -> bool:
     """Two evaluation parts: equal but for their generation time."""
-    import torch
-
-    pa, pb = (torch.load(p, map_location="cpu", weights_only=False) for p in (a, b))
+    pa, pb = (_load_pt(p) for p in (a, b))
     pa.pop("generate_seconds"), pb.pop("generate_seconds")
     return _equal(pa, pb)
 
@@ -261,11 +271,9 @@ def _equal(a, b) -> bool:
 def _same_pickle(a: Path, b: Path) -> bool:
     """Two torch.save files: the same bytes, or the same objects. A process that continued a checkpoint pickles
     DeepSpeed's equal config strings without the references the first process's shared objects gave them."""
-    import torch
-
     if a.read_bytes() == b.read_bytes():
         return True
-    return _equal(*(torch.load(p, map_location="cpu", weights_only=False) for p in (a, b)))
+    return _equal(*(_load_pt(p) for p in (a, b)))
 
 
 def _text(path: Path, root: Path) -> str:
@@ -319,7 +327,6 @@ def torn(out: Path) -> list[str]:
     """Files under their final names that are incomplete right after a kill, and a `latest` naming a checkpoint
     that is not whole. Checkpoint directories `latest` does not name are a save in progress: not checked here
     (the rerun must replace or remove them; `leftovers` says whether it did)."""
-    import torch
     from PIL import Image
     from safetensors.torch import load_file
 
@@ -351,7 +358,7 @@ def torn(out: Path) -> list[str]:
             elif path.suffix == ".safetensors":
                 load_file(str(path))
             elif path.suffix == ".pt":
-                torch.load(path, map_location="cpu", weights_only=False)
+                _load_pt(path)
             elif path.suffix == ".png":
                 with Image.open(path) as im:
                     im.load()
