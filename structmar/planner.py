@@ -180,29 +180,18 @@ def run_train_planner(cfg: PlannerTrainConfig) -> Summary:
 # ---- loading and planning --------------------------------------------------------------------------
 
 
-def export_metadata(path: str) -> dict:
-    """The metadata of a safetensors export ({} for another file)."""
-    if not path.endswith(".safetensors"):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
-
-
 def load_planner(path: str, device: str | torch.device = "cpu") -> Planner:
     """The planner in `path` (its export, or the run directory holding it), with its EMA weights."""
-    from safetensors.torch import load_file
-
+    from structmar.files import load_safetensors
     from structmar.model import load_weights, weights_file
 
     path = weights_file(path, "--planner")
-    meta = export_metadata(path)
+    tensors, meta = load_safetensors(path, "--planner")  # a damaged file is one line naming it
     if meta.get("stage") != "planner":
         raise ValueError(f"--planner {path} is not a planner export (its stage is {meta.get('stage', 'unknown')}; "
                          "train one with structmar train-planner)")
     model = Planner(PlannerConfig.from_dict(json.loads(meta["config"])))
-    ema = {k[len("model_ema."):]: v for k, v in load_file(path).items() if k.startswith("model_ema.")}
+    ema = {k[len("model_ema."):]: v for k, v in tensors.items() if k.startswith("model_ema.")}
     report = load_weights(model, ema)
     if report.missing:
         raise ValueError(f"{path} lacks {len(report.missing)} of the planner's weights, e.g. {report.missing[0]}")

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from structmar.config import PlannerConfig, PlannerTrainConfig, model_config
+from structmar.files import load_safetensors
 from structmar.model import EXPORT, StructMAR, TrainedWith, write_export
 from structmar.planner import Planner, match, run_train_planner, set_loss
 
@@ -126,9 +127,7 @@ def test_training_lowers_the_loss_and_exports_config_and_categories(trained):
     losses = _losses(trained)
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
     assert last < 0.8 * first, (first, last)
-    from structmar.planner import export_metadata
-
-    meta = export_metadata(str(trained / EXPORT))
+    _, meta = load_safetensors(str(trained / EXPORT), "planner export")
     assert meta["stage"] == "planner"
     assert [name for _, name in json.loads(meta["config"])["categories"]][:2] == ["red circle", "red square"]
     assert json.loads(meta["categories"])["1"] == "red circle"
@@ -174,7 +173,7 @@ def test_sample_plans_the_prompts_layout_writes_it_and_samples(data, trained, tm
     spec = read_layout_spec(str(out / "layout.json"))
     assert spec.caption == long_caption.strip() and 1 <= len(spec.boxes) <= 8
     names = {name for _, name in PlannerConfig.from_dict(json.loads(
-        __import__("structmar.planner", fromlist=["x"]).export_metadata(str(trained / EXPORT))["config"])).categories}
+        load_safetensors(str(trained / EXPORT), "planner export")[1]["config"])).categories}
     assert set(spec.tags) <= names
     record = json.loads((out / "sample.json").read_text())
     assert record["tags"] == spec.tags and (out / "000.png").is_file() and (out / "001_layout.png").is_file()
